@@ -1,0 +1,26 @@
+"""eclipse-transforms: purify clean-label availability poisons with sparse diffusion purification (ECLIPSE).
+
+The public surface: :class:`EclipsePurify` (the three stages as one torchvision transform), the stages
+:class:`ForwardDiffusion`, :class:`ReverseDiffusion` and :class:`CorruptionCompensation`, the cached
+:class:`PurifiedDataset`, and :func:`load_denoiser` for the DDPM weights (bundled, a folder or a Hub repo id).
+"""
+
+from ._version import __version__
+from .compensation import CorruptionCompensation
+from .dataset import PurifiedDataset
+from .denoise import ReverseDiffusion
+from .denoiser import Denoiser, load_denoiser
+from .noise import ForwardDiffusion
+from .purify import DEFAULT_STEPS, EclipsePurify
+
+__all__ = [
+    "__version__",
+    "EclipsePurify",
+    "ForwardDiffusion",
+    "ReverseDiffusion",
+    "CorruptionCompensation",
+    "PurifiedDataset",
+    "Denoiser",
+    "load_denoiser",
+    "DEFAULT_STEPS",
+]

@@ -1,0 +1,82 @@
+"""The shared skeleton of the library's transforms: v2.Transform over images, batches flattened to (N, C, H, W)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import PIL.Image
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from ._images import to_float_batch
+
+__all__ = ["ImageTransform"]
+
+
+def _is_pure_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and not isinstance(x, tv_tensors.TVTensor)
+
+
+class ImageTransform(v2.Transform):
+    """Applies ``_apply_batch`` to each image leaf; labels, boxes and other leaves pass through untouched.
+
+    Subclasses set ``accepts_uint8`` / ``check_range`` and implement ``_apply_batch(x, params)`` on a float32
+    batch ``(N, C, H, W)``; conversion back to the input's type, shape, dtype and device happens here.
+    """
+
+    _transformed_types = (tv_tensors.Image, PIL.Image.Image, _is_pure_tensor)
+    accepts_uint8: bool = True
+    check_range: bool = True
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        is_float_tensor = isinstance(inpt, torch.Tensor) and inpt.is_floating_point()
+        if not self.accepts_uint8 and not is_float_tensor:
+            raise TypeError(
+                f"{type(self).__name__} needs a float image tensor in [0, 1] (its output leaves [0, 1] and cannot "
+                f"be stored as uint8 or PIL), got {type(inpt).__name__}"
+                f"{'' if not isinstance(inpt, torch.Tensor) else f' of dtype {inpt.dtype}'}; "
+                "put v2.ToImage() and v2.ToDtype(torch.float32, scale=True) before it, or use EclipsePurify."
+            )
+        x, restore = to_float_batch(inpt, name="image", check_range=self.check_range)
+        return restore(self._apply_batch(x, params))
+
+    def _apply_batch(self, x: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DiffusionTransform(ImageTransform):
+    """Base of the transforms that hold a :class:`~eclipse_transforms.Denoiser` and a seed.
+
+    ``denoiser`` is a ``Denoiser``, a folder or Hub repo id (loaded with ``revision``), or ``None`` for the
+    bundled weights. With an int ``seed`` every image's randomness is derived from ``(seed, image content)``, so
+    the output is a function of the image alone (batched == unbatched); with ``None`` a fresh seed is drawn
+    from torch's global RNG on every call.
+    """
+
+    def __init__(
+        self, denoiser: Any = None, *, t_star: int = 100, seed: int | None = None, revision: str | None = None
+    ) -> None:
+        from . import functional as EF
+        from .denoiser import Denoiser, load_denoiser
+
+        super().__init__()
+        if not isinstance(denoiser, Denoiser):
+            denoiser = load_denoiser(denoiser, revision=revision)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}.")
+        self.denoiser = denoiser
+        self.t_star = EF.check_t_star(t_star, denoiser)
+        self.seed = seed
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        return {"seed": seed}
+
+    def extra_repr(self) -> str:
+        # v2.Transform builds extra_repr from public attributes; the denoiser is summarised, not expanded.
+        names = [n for n in ("t_star", "steps", "seed") if hasattr(self, n)]
+        return ", ".join([f"denoiser={self.denoiser.source!r}"] + [f"{n}={getattr(self, n)!r}" for n in names])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"

@@ -1,0 +1,174 @@
+"""Reading image collections from disk: an .npz of uint8 images, a torchvision CIFAR root, or an ImageFolder.
+
+Used by the CLI and the trainer; the library's transforms never touch the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+__all__ = ["ImageSet", "load_image_set", "load_indices", "find_cifar_root"]
+
+NPZ_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
+
+
+@dataclass
+class ImageSet:
+    """uint8 images ``(N, 3, H, W)``, int64 labels ``(N,)`` (or None), and what they were read from."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    kind: str  # "npz", "cifar" or "folder"
+    files: list[str] | None = None  # ImageFolder paths, relative to the root
+    classes: list[str] | None = None
+
+
+def find_cifar_root(path: Path) -> Path | None:
+    """The folder that holds ``cifar-10-batches-py`` (torchvision's ``root``), or None."""
+    if (path / "cifar-10-batches-py").is_dir():
+        return path
+    if path.name == "cifar-10-batches-py" and path.is_dir():
+        return path.parent
+    return None
+
+
+def _as_nchw(images: np.ndarray, name: str) -> torch.Tensor:
+    if images.dtype != np.uint8:
+        raise ValueError(f"{name} must hold uint8 images, got dtype {images.dtype}.")
+    if images.ndim == 3 or (images.ndim == 4 and 1 in (images.shape[-1], images.shape[1])):
+        raise ValueError(f"{name} holds grayscale images (shape {images.shape}); the denoiser needs RGB images.")
+    if images.ndim != 4 or 3 not in (images.shape[-1], images.shape[1]):
+        raise ValueError(f"{name} must have shape (N, H, W, 3) or (N, 3, H, W), got {images.shape}.")
+    t = torch.from_numpy(np.ascontiguousarray(images))
+    return t.permute(0, 3, 1, 2).contiguous() if images.shape[-1] == 3 else t
+
+
+def _load_npz(path: Path, split: str) -> ImageSet:
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        for x_key, y_key in (NPZ_KEYS.get(split, ("", "")), ("images", "labels"), ("x", "y")):
+            if x_key in keys:
+                labels = torch.from_numpy(z[y_key].astype(np.int64)) if y_key in keys else None
+                return ImageSet(_as_nchw(z[x_key], f"{path}:{x_key}"), labels, "npz")
+    raise ValueError(
+        f"{path} has no image array: expected key 'images' (and 'labels'), or x_{split}/y_{split}; "
+        f"found {sorted(keys)}."
+    )
+
+
+def _load_folder(root: Path) -> ImageSet:
+    from torchvision.datasets import ImageFolder
+
+    folder = ImageFolder(root, loader=PIL.Image.open)
+    images, files, sizes = [], [], set()
+    for path, _ in folder.samples:
+        with PIL.Image.open(path) as im:
+            if im.mode not in ("RGB", "P", "RGBA"):
+                raise ValueError(f"{path} is a {im.mode!r} image; the denoiser needs RGB images.")
+            arr = np.asarray(im.convert("RGB"))
+        sizes.add(arr.shape[:2])
+        if len(sizes) > 1:
+            raise ValueError(
+                f"images in {root} have different sizes ({sorted(sizes)}); resize them to one size first."
+            )
+        images.append(arr)
+        files.append(os.path.relpath(path, root))
+    if not images:
+        raise ValueError(f"{root} holds no images.")
+    labels = torch.tensor(folder.targets, dtype=torch.int64)
+    return ImageSet(_as_nchw(np.stack(images), str(root)), labels, "folder", files, folder.classes)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batches only: dicts of bytes, lists and numpy arrays, never arbitrary callables."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+
+
+def _read_batch(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return {
+            k.decode() if isinstance(k, bytes) else k: v
+            for k, v in _CifarUnpickler(f, encoding="bytes").load().items()
+        }
+
+
+def _load_cifar(folder: Path, split: str) -> ImageSet:
+    """torchvision's CIFAR-10 layout (``data_batch_1..5``, ``test_batch``, ``batches.meta``), read without
+    torchvision's md5 check, so a re-packed root works too."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {missing}; is it a complete torchvision CIFAR-10 root?")
+    batches = [_read_batch(folder / n) for n in names]
+    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
+    labels = torch.tensor([int(y) for b in batches for y in b["labels"]], dtype=torch.int64)
+    classes = None
+    if (folder / "batches.meta").is_file():
+        classes = [
+            c.decode() if isinstance(c, bytes) else c for c in _read_batch(folder / "batches.meta")["label_names"]
+        ]
+    return ImageSet(torch.from_numpy(data), labels, "cifar", classes=classes)
+
+
+def load_image_set(source: str | os.PathLike, *, split: str = "train") -> ImageSet:
+    """Read images from an ``.npz``, a torchvision CIFAR-10 root, or an ImageFolder tree.
+
+    Args:
+        source: path to the ``.npz`` (keys ``images``/``labels`` or ``x_{split}``/``y_{split}``, uint8 HWC or
+            CHW), to a folder holding ``cifar-10-batches-py``, or to an ImageFolder root (``class/xxx.png``).
+        split: ``"train"`` or ``"test"`` for CIFAR roots and split-keyed .npz files.
+
+    Returns:
+        An :class:`ImageSet` with uint8 ``(N, 3, H, W)`` images.
+    """
+    if split not in NPZ_KEYS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data path {str(path)!r} does not exist.")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise ValueError(f"data file {path} must be an .npz of uint8 images (or pass a folder).")
+        return _load_npz(path, split)
+    cifar = find_cifar_root(path)
+    if cifar is not None:
+        return _load_cifar(cifar / "cifar-10-batches-py", split)
+    return _load_folder(path)
+
+
+def load_indices(path: str | os.PathLike) -> list[int]:
+    """Integer indices from a ``.json`` list (or ``{"indices": [...]}``), ``.npy`` or text file (one per line)."""
+    p = Path(path).expanduser()
+    if p.suffix == ".json":
+        data = json.loads(p.read_text())
+        data = data["indices"] if isinstance(data, dict) else data
+    elif p.suffix == ".npy":
+        data = np.load(p, allow_pickle=False).tolist()
+    else:
+        data = [line for line in p.read_text().split() if line]
+    try:
+        return [int(i) for i in data]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"indices file {p} must hold integers: {e}") from e

@@ -1,0 +1,58 @@
+"""Resolve a ``pretrained`` argument (local folder or Hugging Face Hub repo id) to a local folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+# What a denoiser folder may hold; everything else in a Hub repo (images, logs) is not downloaded.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "unet/*.bin", "*.bin"]
+
+
+def resolve_pretrained(
+    pretrained: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """Return a local folder for ``pretrained``: the folder itself, or a Hub snapshot (downloaded or cached).
+
+    Hub access honours ``HF_HUB_OFFLINE``, ``HF_HOME`` and ``HF_HUB_CACHE`` through huggingface_hub. Hub errors
+    become one ``OSError`` sentence that says what to do, the way diffusers' ``load_config`` does.
+    """
+    path = Path(os.fspath(pretrained)).expanduser()
+    if path.is_dir():
+        return path
+    name = os.fspath(pretrained)
+    if path.exists():
+        raise ValueError(f"pretrained={name!r} is a file; pass the folder that holds the denoiser's config.json.")
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ValueError(
+            f"pretrained={name!r} is neither an existing folder nor a Hub repo id of the form 'owner/name'."
+        )
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS))
+    except RepositoryNotFoundError as e:
+        raise OSError(
+            f"pretrained={name!r} is not a repository on the Hugging Face Hub (or it is private and you are not "
+            "logged in: run `hf auth login`). Check the repo id, or pass a local folder."
+        ) from e
+    except RevisionNotFoundError as e:
+        raise OSError(
+            f"revision={revision!r} does not exist in {name!r}; pass an existing branch, tag or commit hash."
+        ) from e
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        rev = "" if revision is None else f" at revision {revision!r}"
+        raise OSError(
+            f"pretrained={name!r}{rev} is not in the local Hub cache and the Hub cannot be reached (offline, "
+            "HF_HUB_OFFLINE=1, or no network). Download it once with network access "
+            f"(`hf download {name}`), or pass a local folder."
+        ) from e
+    except HFValidationError as e:
+        raise ValueError(f"pretrained={name!r} is not a valid Hub repo id: {e}") from e

@@ -1,0 +1,186 @@
+"""``eclipse-transforms``: the command line, a thin layer over the library's API.
+
+eclipse-transforms demo   [--out grid.png]                 # purify generated poisoned images, write a grid
+eclipse-transforms purify INPUT OUTPUT [--t-star --steps]  # ImageFolder / CIFAR root / .npz -> folder or .npz
+eclipse-transforms info   [--weights PATH_OR_REPO]         # which weights, their config
+eclipse-transforms train  --data D --output-dir O [...]    # train a denoiser on a sparse clean set
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+__all__ = ["main"]
+
+
+def _add_purify_options(p: argparse.ArgumentParser) -> None:
+    from .purify import DEFAULT_STEPS
+
+    p.add_argument("--weights", default=None, help="denoiser folder or Hub repo id (default: bundled CIFAR-10)")
+    p.add_argument("--revision", default=None, help="Hub revision of --weights")
+    p.add_argument("--t-star", type=int, default=100, help="diffusion time t* (default: 100, the paper's)")
+    p.add_argument(
+        "--steps",
+        default=str(DEFAULT_STEPS),
+        help=f"reverse steps; 'paper' for t* ancestral steps (default: {DEFAULT_STEPS})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the purification noise (default: 0)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None, help="'cpu', 'cuda', ... (default: cpu)")
+
+
+def _steps(value: str) -> int | None:
+    if value in ("paper", "none", "None"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"--steps must be an int or 'paper', got {value!r}.") from None
+
+
+def _make_purify(args: argparse.Namespace, compensation: bool = False):
+    from . import CorruptionCompensation, EclipsePurify, load_denoiser
+
+    den = load_denoiser(args.weights, revision=args.revision, device=args.device)
+    return EclipsePurify(
+        den,
+        t_star=args.t_star,
+        steps=_steps(args.steps),
+        seed=args.seed,
+        compensation=CorruptionCompensation() if compensation else None,
+    )
+
+
+def _cmd_purify(args: argparse.Namespace) -> int:
+    from ._purify_files import purify_files
+
+    out = purify_files(
+        args.input,
+        args.output,
+        _make_purify(args),
+        split=args.split,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from . import __version__, load_denoiser
+    from .denoiser import bundled_weights_path
+
+    den = load_denoiser(args.weights, revision=args.revision)
+    info = {
+        "eclipse_transforms": __version__,
+        "weights": den.source,
+        "path": str(bundled_weights_path()) if args.weights is None else args.weights,
+        "parameters": sum(p.numel() for p in den.unet.parameters()),
+        "t_max": den.t_max,
+        "fingerprint": den.fingerprint,
+        "unet": {k: v for k, v in dict(den.unet.config).items() if not k.startswith("_")},
+        "scheduler": {k: v for k, v in dict(den.scheduler.config).items() if not k.startswith("_")},
+    }
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    from .training import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING
+        help_ = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        elif f.name == "block_out_channels":
+            p.add_argument(flag, type=int, nargs="+", default=list(f.default), help=help_)
+        else:
+            kind = str(f.type)
+            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+            extra = {"required": True} if required else {"default": f.default}
+            p.add_argument(flag, type=conv, help=help_ if required else f"{help_} (default: {f.default})", **extra)
+    p.add_argument("--resume", action="store_true", help="continue from output-dir's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output-dir")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names})
+    out = train(
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        max_minutes=args.max_minutes,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    result = run_demo(_make_purify(args), out=args.out, data=args.data, num_images=args.num_images)
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eclipse-transforms", description=__doc__.split("\n")[0])
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="purify poisoned images and write a before/after grid")
+    _add_purify_options(p)
+    p.add_argument("--out", default="eclipse-demo.png", help="PNG grid to write (default: eclipse-demo.png)")
+    p.add_argument(
+        "--data", default=None, help="an .npz/CIFAR root/ImageFolder to take images from (default: generated images)"
+    )
+    p.add_argument("--num-images", type=int, default=8)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("purify", help="purify an ImageFolder tree, CIFAR root or .npz")
+    p.add_argument("input", help="ImageFolder root, torchvision CIFAR-10 root, or .npz of uint8 images")
+    p.add_argument("output", help="an .npz file, or a folder (written as an ImageFolder tree of PNGs)")
+    p.add_argument("--split", default="train", help="CIFAR / .npz split: train or test (default: train)")
+    p.add_argument("--cache-dir", default=None, help="resumable work cache (default: ~/.cache/eclipse-transforms)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_purify_options(p)
+    p.set_defaults(func=_cmd_purify)
+
+    p = sub.add_parser("info", help="print the weights in use and their config")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("train", help="train a denoiser on a sparse clean set")
+    _train_parser(p)
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError) as e:
+        print(f"eclipse-transforms {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""``PurifiedDataset``: purify a dataset once, cache it on disk, and apply the compensation on every access."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from tqdm.auto import tqdm
+
+from . import functional as EF
+from ._cache import ShardStore
+from ._images import index_generators, quantize, to_float_batch
+from ._version import __version__
+from .purify import EclipsePurify
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PurifiedDataset", "default_cache_dir"]
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """``$ECLIPSE_TRANSFORMS_CACHE``, else ``$XDG_CACHE_HOME/eclipse-transforms``, else ``~/.cache/eclipse-transforms``."""
+    if "ECLIPSE_TRANSFORMS_CACHE" in os.environ:
+        return Path(os.environ["ECLIPSE_TRANSFORMS_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return base / "eclipse-transforms"
+
+
+def _split_item(item: Any, index: int) -> tuple[Any, Any]:
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise TypeError(
+            f"dataset items must be (image, label) pairs like torchvision datasets return; item {index} is a "
+            f"{type(item).__name__}{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}."
+        )
+    return item[0], item[1]
+
+
+def _as_label(label: Any, index: int) -> int:
+    try:
+        return int(label)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"dataset item {index} has label {label!r}; labels must be ints (class indices).") from e
+
+
+class PurifiedDataset(Dataset):
+    """Wrap a dataset of ``(image, label)`` pairs with its ECLIPSE-purified version, cached on disk.
+
+    On construction, every image is noised and denoised once (stages 1 and 2 of ``purify``), in batches of
+    ``batch_size``, and stored as uint8 in checksummed safetensors shards under ``cache_dir``. The cache key
+    covers everything that changes the output: a fingerprint of the data, the denoiser's weights, ``t_star``,
+    ``steps``, the seed and the library version; later constructions with the same key read the cache instead.
+    A build that is interrupted resumes from its last complete shard; a shard whose bytes do not match its
+    checksum is rebuilt. Image ``i`` uses randomness derived from ``(seed, i)`` only, so the cache is the same
+    for any ``batch_size`` or device.
+
+    ``dataset[i]`` returns ``(transform(compensation(purified_i)), target_transform(label_i))`` where
+    ``purified_i`` is a float ``tv_tensors.Image`` in ``[0, 1]`` and the compensation (``purify.compensation``)
+    is redrawn on every access, i.e. every epoch, as in the paper.
+
+    Args:
+        dataset: a map-style dataset of ``(image, label)``; images are PIL, uint8 tensors or float tensors in
+            ``[0, 1]``, all ``(3, H, W)`` of one size.
+        purify: the :class:`EclipsePurify` whose settings are used. Default: ``EclipsePurify()``.
+        cache_dir: root folder of the cache. Default: :func:`default_cache_dir`.
+        batch_size: images per denoiser batch during the build.
+        device: run the build there (moves ``purify`` to it). Default: where ``purify`` is.
+        transform: applied to the compensated image on every access (e.g. crops and flips).
+        target_transform: applied to the label on every access.
+        seed: seed of the purification noise. Default: ``purify.seed``, or 0 if that is None.
+        progress: show tqdm progress bars during the build.
+        shard_size: images per cache shard.
+
+    Attributes not found on this wrapper (e.g. ``classes``) are read from the wrapped dataset.
+
+    Example:
+        >>> train = torchvision.datasets.CIFAR10(root, train=True)  # doctest: +SKIP
+        >>> train = PurifiedDataset(train, EclipsePurify(), transform=v2.RandomHorizontalFlip())  # doctest: +SKIP
+        >>> image, label = train[0]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        purify: EclipsePurify | None = None,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 256,
+        device: str | torch.device | None = None,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+        shard_size: int = 4096,
+    ) -> None:
+        if purify is None:
+            purify = EclipsePurify()
+        if not isinstance(purify, EclipsePurify):
+            raise TypeError(f"purify must be an EclipsePurify, got {type(purify).__name__}.")
+        for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if device is not None:
+            purify.to(device)
+        self.dataset = dataset
+        self.purify = purify
+        self.compensation = purify.compensation
+        self.transform = transform
+        self.target_transform = target_transform
+        self.batch_size = batch_size
+        self.seed = seed if seed is not None else (purify.seed if purify.seed is not None else 0)
+        self.progress = progress
+
+        num_items = len(dataset)
+        if num_items == 0:
+            raise ValueError("dataset is empty; PurifiedDataset needs at least one (image, label) item.")
+        fingerprint, labels, shape = self._scan(num_items)
+        self.labels = labels
+        self.image_shape = shape
+        meta = {
+            "format": CACHE_FORMAT,
+            "version": __version__,
+            "data": fingerprint,
+            "num_items": num_items,
+            "image_shape": list(shape),
+            "weights": purify.denoiser.fingerprint,
+            "t_star": purify.t_star,
+            "steps": purify.steps,
+            "seed": self.seed,
+            "shard_size": shard_size,
+        }
+        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+        self.cache_root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
+        self.cache_path = self.cache_root / key
+        self._check_writable(cache_dir)
+        self._store = ShardStore(self.cache_path, num_items, shard_size, meta)
+        self._shards: dict[int, dict[str, torch.Tensor]] = {}
+        self._build(self._store.missing())
+
+    # -- construction ------------------------------------------------------------------------------------------
+
+    def _scan(self, num_items: int) -> tuple[str, torch.Tensor, tuple[int, ...]]:
+        """Check every item and fingerprint the images, before anything is written."""
+        den = self.purify.denoiser
+        h = hashlib.sha256()
+        labels = torch.empty(num_items, dtype=torch.int64)
+        shape = None
+        for i in tqdm(range(num_items), desc="check data", disable=not self.progress, unit="img", leave=False):
+            image, label = _split_item(self.dataset[i], i)
+            x, _ = to_float_batch(image, name=f"dataset image {i}")
+            if x.shape[0] != 1:
+                raise ValueError(f"dataset image {i} must be one image (C, H, W), got shape {tuple(x.shape)}.")
+            if shape is None:
+                shape = tuple(x.shape[1:])
+                EF.check_images(x, den, f"dataset image {i}", check_range=False)
+            elif tuple(x.shape[1:]) != shape:
+                raise ValueError(
+                    f"dataset images must all have one shape to be cached; image 0 is {shape}, image {i} is "
+                    f"{tuple(x.shape[1:])}. Resize them (e.g. v2.Resize in the wrapped dataset's transform)."
+                )
+            labels[i] = _as_label(label, i)
+            h.update(x.numpy().tobytes())
+        h.update(labels.numpy().tobytes())
+        return h.hexdigest(), labels, shape
+
+    def _check_writable(self, cache_dir: Any) -> None:
+        try:
+            self.cache_path.mkdir(parents=True, exist_ok=True)
+            probe = self.cache_path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(
+                f"cache_dir={str(cache_dir if cache_dir is not None else self.cache_root)!r} is not writable "
+                f"({e.strerror or e}); pass a folder you can write to, or set ECLIPSE_TRANSFORMS_CACHE."
+            ) from e
+
+    def _build(self, shards: list[int]) -> None:
+        if not shards:
+            logger.info("purified cache %s is complete (%d shards)", self.cache_path, self._store.num_shards)
+            return
+        total = sum(len(self._store.shard_range(i)) for i in shards)
+        logger.info("purifying %d images into %s", total, self.cache_path)
+        bar = tqdm(total=total, desc="purify", disable=not self.progress, unit="img")
+        for shard in shards:
+            indices = self._store.shard_range(shard)
+            out = torch.empty((len(indices), *self.image_shape), dtype=torch.uint8)
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                x = torch.cat([to_float_batch(self.dataset[i][0])[0] for i in batch])
+                y = self.purify.purify_batch(x, index_generators(batch, self.seed))
+                out[start : start + len(batch)] = quantize(y.cpu())
+                bar.update(len(batch))
+            self._store.write(shard, out, self.labels[indices.start : indices.stop])
+        bar.close()
+
+    # -- access ------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def purified(self, index: int) -> torch.Tensor:
+        """The cached purified image ``index`` as uint8 ``(C, H, W)``, without compensation or transform."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for a dataset of {len(self)} items.")
+        index %= len(self)
+        shard = index // self._store.shard_size
+        if shard not in self._shards:
+            self._shards[shard] = self._store.read(shard)
+        return self._shards[shard]["images"][index - shard * self._store.shard_size]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image = tv_tensors.Image(self.purified(index).to(torch.float32) / 255)
+        if self.compensation is not None:
+            image = self.compensation(image)
+        label = int(self.labels[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            label = self.target_transform(label)
+        return image, label
+
+    def __getattr__(self, name: str) -> Any:
+        # Forward unknown public attributes (classes, class_to_idx, ...) to the wrapped dataset.
+        if name.startswith("_") or "dataset" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.__dict__["dataset"], name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers reload shards lazily and need neither the loaded shards nor the denoiser.
+        state = self.__dict__.copy()
+        state["_shards"] = {}
+        state["purify"] = None
+        return state
+
+    def __repr__(self) -> str:
+        done = self._store.num_shards - len(
+            [i for i in range(self._store.num_shards) if str(i) not in self._store.checksums]
+        )
+        lines = [
+            f"dataset: {type(self.dataset).__name__} ({len(self)} items, images {tuple(self.image_shape)})",
+            f"t_star={self._store.meta['t_star']}, steps={self._store.meta['steps']}, seed={self.seed}",
+            f"compensation: {self.compensation!r}",
+            f"cache: {self.cache_path} ({done}/{self._store.num_shards} shards)",
+        ]
+        if self.transform is not None:
+            lines.append(f"transform: {self.transform!r}")
+        body = "\n    ".join(line.replace("\n", "\n    ") for line in lines)
+        return f"{type(self).__name__}(\n    {body}\n)"

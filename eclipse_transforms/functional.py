@@ -1,0 +1,224 @@
+"""Functional form of the three ECLIPSE stages, with explicit randomness (``generator=``).
+
+All functions take float image batches ``(N, C, H, W)`` in ``[0, 1]`` (the noise stage's output may leave that
+range) and return the same layout. The DDPM's ``[-1, 1]`` range exists only inside :func:`diffuse` and
+:func:`denoise`. ``generator`` is ``None`` (torch's global RNG), one ``torch.Generator`` for the whole batch, or a
+sequence of generators with one per image, which makes every image's output independent of the batch it is in.
+
+Timesteps follow the paper (1-indexed DDPM notation, ``t_star`` in ``[1, T]``): the noisy image ``x_{t*}`` uses
+``ᾱ_{t*}``, which is diffusers' ``scheduler.alphas_cumprod[t_star - 1]`` (diffusers counts timesteps from 0).
+The paper's sampler then takes exactly ``t_star`` ancestral steps, at diffusers timesteps ``t_star - 1, …, 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+from torchvision.transforms.v2 import functional as F
+
+from ._images import check_channels, check_float_images
+from .denoiser import Denoiser
+
+__all__ = [
+    "diffuse",
+    "denoise",
+    "purify",
+    "compensate",
+    "sampling_timesteps",
+    "check_t_star",
+    "check_steps",
+    "check_images",
+]
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def check_t_star(t_star: int, denoiser: Denoiser) -> int:
+    """Validate ``t_star`` against the schedule length ``T`` and the range the weights were trained for."""
+    if isinstance(t_star, bool) or not isinstance(t_star, (int, np.integer)):
+        raise TypeError(f"t_star must be an int, got {type(t_star).__name__}.")
+    T = denoiser.num_train_timesteps
+    if not 1 <= t_star <= T:
+        raise ValueError(f"t_star must be in [1, {T}] (the denoiser's num_train_timesteps), got {t_star}.")
+    if t_star > denoiser.t_max:
+        raise ValueError(
+            f"t_star={t_star} is above t_max={denoiser.t_max}, the largest timestep these weights were trained "
+            f"for; use t_star <= {denoiser.t_max} or weights trained with a larger t_max."
+        )
+    return int(t_star)
+
+
+def check_steps(steps: int | None, t_star: int) -> int:
+    """``steps=None`` means the paper's sampler: one ancestral step per timestep, ``t_star`` steps."""
+    if steps is None:
+        return t_star
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise TypeError(f"steps must be an int or None, got {type(steps).__name__}.")
+    if not 1 <= steps <= t_star:
+        raise ValueError(
+            f"steps must be in [1, t_star={t_star}] (None for the paper's {t_star}-step sampler), got {steps}."
+        )
+    return int(steps)
+
+
+def sampling_timesteps(t_star: int, steps: int | None = None) -> list[int]:
+    """Diffusers timesteps visited by the reverse process from ``x_{t*}``, in decreasing order.
+
+    ``steps = t_star`` (or None) is the paper's ancestral sampler ``[t*-1, …, 0]``. Fewer steps respace that
+    range evenly (improved-diffusion's ``respace``; the scheduler recomputes each step's β from ``ᾱ``).
+    ``steps = 1`` is ``[t*-1]``: a single step to ``t = 0``, whose posterior variance is zero, so it returns the
+    model's one-step estimate of ``x_0`` (formula (15) of Ho et al. 2020).
+
+    Example:
+        >>> sampling_timesteps(10, 4)
+        [9, 6, 3, 0]
+    """
+    steps = check_steps(steps, t_star)
+    if steps == 1:
+        return [t_star - 1]
+    return [int(t) for t in np.linspace(t_star - 1, 0, steps).round().astype(np.int64)]
+
+
+def _randn(n: int, shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
+    """Standard normal noise ``(n, *shape)`` in float32, drawn on the generators' devices, moved to ``device``."""
+    if generator is None:
+        return torch.randn((n, *shape), device=device)
+    if isinstance(generator, torch.Generator):
+        return torch.randn((n, *shape), generator=generator, device=generator.device).to(device)
+    if len(generator) != n:
+        raise ValueError(f"generator must be one torch.Generator or one per image ({n}), got {len(generator)}.")
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generator]).to(device)
+
+
+def check_images(x: torch.Tensor, denoiser: Denoiser, name: str, check_range: bool) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4:
+        raise TypeError(f"{name} must be a float tensor of shape (N, C, H, W).")
+    check_float_images(x, name=name, check_range=check_range)
+    check_channels(x.shape[1], denoiser.in_channels, name=name)
+    m = denoiser.size_multiple
+    h, w = x.shape[-2:]
+    if h % m or w % m:
+        raise ValueError(
+            f"{name} height and width must be multiples of {m} for this denoiser's UNet, got {h}x{w}; "
+            f"resize or pad (e.g. v2.CenterCrop or v2.Resize to {max(m, h - h % m)}x{max(m, w - w % m)})."
+        )
+
+
+def diffuse(x: torch.Tensor, denoiser: Denoiser, t_star: int, *, generator: Generators = None) -> torch.Tensor:
+    """Forward diffusion of clean images to ``x_{t*}`` (formula (4) of Ho et al. 2020).
+
+    ``x_{t*} = sqrt(ᾱ_{t*}) x + sqrt(1 - ᾱ_{t*}) ε`` in the model's ``[-1, 1]`` space, via diffusers'
+    ``DDPMScheduler.add_noise``.
+
+    Args:
+        x: float images ``(N, C, H, W)`` in ``[0, 1]``.
+        denoiser: gives the noise schedule.
+        t_star: diffusion time in ``[1, min(T, t_max)]``.
+        generator: see the module docstring.
+
+    Returns:
+        ``x_{t*}`` mapped back with ``y / 2 + 0.5``: float32 ``(N, C, H, W)``, values partly outside ``[0, 1]``.
+    """
+    t_star = check_t_star(t_star, denoiser)
+    check_images(x, denoiser, "x", check_range=True)
+    eps = _randn(x.shape[0], tuple(x.shape[1:]), generator, x.device)
+    timesteps = torch.full((x.shape[0],), t_star - 1, dtype=torch.long, device=x.device)
+    noisy = denoiser.scheduler.add_noise(x.to(torch.float32) * 2 - 1, eps, timesteps)
+    return noisy / 2 + 0.5
+
+
+@torch.inference_mode()
+def denoise(
+    noisy: torch.Tensor,
+    denoiser: Denoiser,
+    t_star: int,
+    *,
+    steps: int | None = None,
+    generator: Generators = None,
+) -> torch.Tensor:
+    """Reverse DDPM from ``x_{t*}`` to ``x_0`` with diffusers' ``DDPMScheduler.step`` (ancestral sampling).
+
+    Args:
+        noisy: ``x_{t*}`` as returned by :func:`diffuse` (float ``(N, C, H, W)``, image space ``y / 2 + 0.5``).
+        denoiser: the noise predictor and its schedule. Runs on its own device; the result returns to ``noisy``'s.
+        t_star: the diffusion time of ``noisy``.
+        steps: ``None`` or ``t_star`` for the paper's sampler, fewer for a respaced schedule, 1 for the one-step
+            ``x_0`` estimate (see :func:`sampling_timesteps`).
+        generator: see the module docstring; draws one ``(C, H, W)`` noise per image and step, except the last.
+
+    Returns:
+        float32 images ``(N, C, H, W)`` in ``[0, 1]`` on ``noisy``'s device.
+    """
+    t_star = check_t_star(t_star, denoiser)
+    timesteps = sampling_timesteps(t_star, steps)
+    check_images(noisy, denoiser, "noisy", check_range=False)
+    scheduler = DDPMScheduler.from_config(denoiser.scheduler.config)  # a private copy: set_timesteps mutates
+    scheduler.set_timesteps(timesteps=timesteps)
+    device = denoiser.device
+    sample = (noisy.to(device, torch.float32) * 2 - 1).to(denoiser.dtype)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = list(generator)
+        if len(generator) != sample.shape[0]:
+            raise ValueError(f"generator must be one per image ({sample.shape[0]}), got {len(generator)}.")
+    for t in scheduler.timesteps:
+        eps = denoiser(sample, t.to(device))
+        sample = scheduler.step(eps.float(), t, sample.float(), generator=generator).prev_sample
+        sample = sample.to(denoiser.dtype)
+    return (sample.float() / 2 + 0.5).clamp_(0, 1).to(noisy.device)
+
+
+def purify(
+    x: torch.Tensor,
+    denoiser: Denoiser,
+    t_star: int = 100,
+    *,
+    steps: int | None = None,
+    generator: Generators = None,
+) -> torch.Tensor:
+    """Noise then denoise: ``denoise(diffuse(x))`` with one generator stream per image.
+
+    Args:
+        x: float images ``(N, C, H, W)`` in ``[0, 1]``.
+        denoiser, t_star, steps, generator: as in :func:`diffuse` and :func:`denoise`.
+
+    Returns:
+        Purified float32 images ``(N, C, H, W)`` in ``[0, 1]``.
+    """
+    return denoise(
+        diffuse(x, denoiser, t_star, generator=generator), denoiser, t_star, steps=steps, generator=generator
+    )
+
+
+def compensate(
+    x: torch.Tensor, *, p_gray: float = 0.4, sigma: float = 0.05, generator: Generators = None
+) -> torch.Tensor:
+    """The paper's corruption compensation: random grayscale, then Gaussian noise, then clamp to ``[0, 1]``.
+
+    Each image independently becomes grayscale (ITU-R 601-2 luma, as ``v2.Grayscale``, kept 3-channel) with
+    probability ``p_gray``; then ``N(0, sigma²)`` noise is added to every pixel.
+
+    Args:
+        x: float images ``(N, C, H, W)`` in ``[0, 1]``, C = 1 or 3.
+        p_gray: probability of grayscale per image.
+        sigma: standard deviation of the noise, in ``[0, 1]`` image units.
+        generator: see the module docstring.
+
+    Returns:
+        float images of ``x``'s shape and dtype in ``[0, 1]``.
+    """
+    n = x.shape[0]
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = "cpu" if generator is None else generator.device
+        u = torch.rand(n, generator=generator, device=gen_device).to(x.device)
+    else:
+        u = torch.stack([torch.rand((), generator=g, device=g.device) for g in generator]).to(x.device)
+    out = x
+    if x.shape[1] == 3 and p_gray > 0:
+        gray = F.rgb_to_grayscale(x, num_output_channels=3)
+        out = torch.where((u < p_gray).view(n, 1, 1, 1), gray, x)
+    if sigma > 0:
+        out = out + sigma * _randn(n, tuple(x.shape[1:]), generator, x.device).to(x.dtype)
+    return out.clamp(0, 1)

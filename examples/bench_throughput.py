@@ -1,0 +1,102 @@
+"""Benchmark: purification throughput and PurifiedDataset access rate on this machine (not a test).
+
+Prints, in one run:
+- EclipsePurify images/s at batch sizes 1, 32 and 256 for the default setting (and the paper's sampler at 32);
+- PurifiedDataset.__getitem__ items/s (cached purified image + compensation + crop/flip) against a plain in-memory
+  TensorDataset of the same uint8 images with the same crop/flip, both read in the same process.
+
+    python examples/bench_throughput.py                 # bundled weights, generated images
+    python examples/bench_throughput.py --weights runs/my-ddpm --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+from torch.utils.data import TensorDataset
+from torchvision.transforms import v2
+
+from eclipse_transforms import DEFAULT_STEPS, EclipsePurify, PurifiedDataset, load_denoiser
+from eclipse_transforms._demo import generated_images
+
+
+def rate(fn, n_items: int, repeats: int = 3) -> float:
+    """Items per second of ``fn`` (which processes ``n_items``), best of ``repeats`` after one warm-up."""
+    fn()
+    best = min(_timed(fn) for _ in range(repeats))
+    return n_items / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dataset-size", type=int, default=1024)
+    args = parser.parse_args()
+    den = load_denoiser(args.weights, device=args.device)
+    print(f"denoiser: {den}\ntorch threads: {torch.get_num_threads()}, device: {args.device}\n")
+
+    images = generated_images(256, 32)
+    print(f"{'setting':<40} {'batch':>6} {'images/s':>10}")
+    for steps, label in (
+        (DEFAULT_STEPS, f"default ({DEFAULT_STEPS} steps)"),
+        (1, "one-step x0 estimate"),
+        (None, "paper sampler (100 steps)"),
+    ):
+        purify = EclipsePurify(den, t_star=100, steps=steps, seed=0, compensation=None)
+        for batch in (1, 32, 256) if steps is not None else (32,):
+            x = images[:batch].to(args.device)
+            print(
+                f"{label:<40} {batch:>6} "
+                f"{rate(lambda p=purify, x=x: p(x), batch, repeats=1 if steps is None else 3):>10.2f}",
+                flush=True,
+            )
+
+    # PurifiedDataset access rate vs a TensorDataset with the same augmentation, same process.
+    data = (generated_images(args.dataset_size, 32, seed=1) * 255).round().to(torch.uint8)
+    labels = torch.arange(args.dataset_size) % 10
+    aug = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
+    with tempfile.TemporaryDirectory() as cache:
+        t0 = time.perf_counter()
+        purified = PurifiedDataset(
+            TensorDataset(data, labels), EclipsePurify(den, seed=0), cache_dir=cache, transform=aug, progress=False
+        )
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        PurifiedDataset(
+            TensorDataset(data, labels), EclipsePurify(den, seed=0), cache_dir=cache, transform=aug, progress=False
+        )
+        reopen = time.perf_counter() - t0
+
+        class Plain(TensorDataset):
+            def __getitem__(self, i):
+                x, y = super().__getitem__(i)
+                return aug(x.float() / 255), int(y)
+
+        plain = Plain(data, labels)
+        read = lambda ds: [ds[i] for i in range(len(ds))]  # noqa: E731
+        print(
+            f"\nPurifiedDataset of {args.dataset_size} images: build {build:.1f} s "
+            f"({args.dataset_size / build:.1f} images/s), reopen from cache {reopen:.2f} s"
+        )
+        r_plain, r_purified = rate(lambda: read(plain), len(plain)), rate(lambda: read(purified), len(purified))
+        print(f"{'TensorDataset + crop/flip':<40} {r_plain:>10.0f} items/s")
+        print(
+            f"{'PurifiedDataset (+ compensation)':<40} {r_purified:>10.0f} items/s "
+            f"({r_purified / r_plain:.2f}x the plain dataset)"
+        )
+
+
+if __name__ == "__main__":
+    main()

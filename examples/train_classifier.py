@@ -1,0 +1,146 @@
+"""Train a small CIFAR-10 classifier on a purified training set: ECLIPSE dropped into an ordinary training script.
+
+The only ECLIPSE-specific lines are the two marked below: wrap the (possibly poisoned) training set in a
+PurifiedDataset. Everything else is a plain PyTorch loop.
+
+    python examples/train_classifier.py --data ../shared/data/cifar10/cifar10.npz --subset 5000 --epochs 10
+    python examples/train_classifier.py --data ~/data/cifar10 --defense none     # torchvision root, no defense
+
+Test accuracy is measured on the CIFAR-10 test images *not* in the denoiser's sparse set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from eclipse_transforms import CorruptionCompensation, EclipsePurify, PurifiedDataset
+from eclipse_transforms._data import load_image_set
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ImageDataset(Dataset):
+    """uint8 ``(N, 3, H, W)`` images and labels as a torchvision-style dataset of (image, label)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = tv_tensors.Image(self.images[i])
+        return (self.transform(x) if self.transform else x), int(self.labels[i])
+
+
+def small_cnn(num_classes: int = 10) -> nn.Module:
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        )
+
+    return nn.Sequential(
+        block(3, 32),
+        block(32, 64),
+        nn.MaxPool2d(2),
+        block(64, 128),
+        nn.MaxPool2d(2),
+        block(128, 256),
+        nn.MaxPool2d(2),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(256, num_classes),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz"))
+    parser.add_argument("--weights", default=None, help="denoiser folder or Hub id (default: bundled)")
+    parser.add_argument(
+        "--defense", choices=["eclipse", "purify-only", "compensation-only", "none"], default="eclipse"
+    )
+    parser.add_argument("--subset", type=int, default=5000, help="class-balanced training subset (0: all)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    train_set, test_set = load_image_set(args.data, split="train"), load_image_set(args.data, split="test")
+    idx = np.arange(len(train_set.images))
+    if args.subset:
+        rng = np.random.default_rng(0)
+        labels = train_set.labels.numpy()
+        idx = np.sort(
+            np.concatenate(
+                [rng.choice(np.flatnonzero(labels == c), args.subset // 10, replace=False) for c in range(10)]
+            )
+        )
+    sparse = json.loads((REPO / "weights" / "cifar10_sparse_indices.json").read_text())["indices"]
+    held_out = np.setdiff1d(np.arange(len(test_set.images)), sparse)
+
+    augment = v2.Compose(
+        [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)]
+    )
+    train = ImageDataset(train_set.images[idx], train_set.labels[idx])
+    if args.defense in ("eclipse", "purify-only"):
+        # --- ECLIPSE: purify once (cached on disk), compensation redrawn every epoch -----------------------------
+        purify = EclipsePurify(
+            args.weights, compensation=CorruptionCompensation() if args.defense == "eclipse" else None
+        )
+        train = PurifiedDataset(train, purify, cache_dir=args.cache_dir, transform=augment)
+    elif args.defense == "compensation-only":
+        train.transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), CorruptionCompensation(), augment])
+    else:
+        train.transform = augment
+    test = ImageDataset(test_set.images[held_out], test_set.labels[held_out], v2.ToDtype(torch.float32, scale=True))
+
+    model = small_cnn()
+    steps = args.epochs * -(-len(train) // args.batch_size)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.25)
+    loader = DataLoader(
+        train,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=False,
+        persistent_workers=args.workers > 0,
+    )
+    for epoch in range(args.epochs):
+        model.train()
+        t0, seen, correct = time.perf_counter(), 0, 0
+        for x, y in loader:
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+            correct += (out.argmax(1) == y).sum().item()
+        model.eval()
+        with torch.inference_mode():
+            hits = sum((model(x).argmax(1) == y).sum().item() for x, y in DataLoader(test, batch_size=500))
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: train acc {correct / seen:.3f}, "
+            f"test acc {hits / len(test):.4f} ({len(test)} held-out images), {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

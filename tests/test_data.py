@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from eclipse_transforms._data import load_image_set, load_indices
+
+from .conftest import cifar_npz
+
+
+def make_cifar_root(root, rng, n_per_batch=4):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    images = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        hwc = rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8)
+        images[name] = hwc
+        rows = hwc.transpose(0, 3, 1, 2).reshape(n_per_batch, 3072)  # R plane, G plane, B plane: CIFAR's layout
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rows, b"labels": list(rng.integers(0, 10, n_per_batch))}, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"airplane", b"automobile"]}, f, protocol=2)
+    return images
+
+
+def test_cifar_root_layout(tmp_path, rng):
+    images = make_cifar_root(tmp_path, rng)
+    train = load_image_set(tmp_path, split="train")
+    assert train.images.shape == (20, 3, 32, 32) and train.kind == "cifar"
+    assert (train.images[0].permute(1, 2, 0).numpy() == images["data_batch_1"][0]).all()
+    test = load_image_set(tmp_path / "cifar-10-batches-py", split="test")
+    assert (test.images[3].permute(1, 2, 0).numpy() == images["test_batch"][3]).all()
+    assert test.classes == ["airplane", "automobile"]
+
+
+def test_cifar_batches_cannot_run_code(tmp_path, rng):
+    make_cifar_root(tmp_path, rng)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": []}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+        load_image_set(tmp_path, split="test")
+
+
+def test_npz_keys_and_layouts(tmp_path, rng):
+    chw = rng.integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", x=chw, y=np.arange(3))
+    got = load_image_set(tmp_path / "a.npz")
+    assert (got.images.numpy() == chw).all() and got.labels.tolist() == [0, 1, 2]
+    np.savez(tmp_path / "b.npz", other=chw)
+    with pytest.raises(ValueError, match="has no image array"):
+        load_image_set(tmp_path / "b.npz")
+    np.savez(tmp_path / "c.npz", images=chw.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        load_image_set(tmp_path / "c.npz")
+
+
+def test_indices_files(tmp_path):
+    (tmp_path / "a.json").write_text('{"indices": [3, 1]}')
+    (tmp_path / "b.txt").write_text("5\n6\n")
+    np.save(tmp_path / "c.npy", np.array([7]))
+    assert load_indices(tmp_path / "a.json") == [3, 1]
+    assert load_indices(tmp_path / "b.txt") == [5, 6]
+    assert load_indices(tmp_path / "c.npy") == [7]
+
+
+@pytest.mark.cifar
+def test_real_cifar10_npz():
+    path = cifar_npz()
+    if path is None:
+        pytest.skip("real CIFAR-10 not found: set ECLIPSE_CIFAR10 or place ../shared/data/cifar10/cifar10.npz")
+    test = load_image_set(path, split="test")
+    assert test.images.shape == (10000, 3, 32, 32)
+    assert test.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]  # the canonical start (SOURCE.md)

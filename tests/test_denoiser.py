@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMPipeline
+
+import eclipse_transforms.denoiser as denoiser_module
+from eclipse_transforms import Denoiser, EclipsePurify, load_denoiser
+
+from .conftest import make_tiny_denoiser
+
+
+def test_save_load_roundtrip(tiny_folder):
+    den = load_denoiser(tiny_folder)
+    ref = make_tiny_denoiser()
+    assert den.fingerprint == ref.fingerprint
+    assert den.t_max == 40 and den.num_train_timesteps == 100 and den.size_multiple == 2
+    assert not den.unet.training and not any(p.requires_grad for p in den.parameters())
+    assert "t_max=40" in repr(den)
+
+
+def test_folder_is_a_diffusers_pipeline(tiny_folder):
+    pipe = DDPMPipeline.from_pretrained(tiny_folder)
+    assert pipe.scheduler.config.num_train_timesteps == 100
+
+
+def test_flat_layout_loads(tiny_folder, tmp_path):
+    flat = tmp_path / "flat"
+    shutil.copytree(tiny_folder / "unet", flat)
+    shutil.copy(tiny_folder / "scheduler" / "scheduler_config.json", flat)
+    den = load_denoiser(flat)
+    assert den.t_max == den.num_train_timesteps == 100  # no eclipse_config.json: the whole schedule
+
+
+def test_fingerprint_tracks_weights():
+    a, b = make_tiny_denoiser(seed=0), make_tiny_denoiser(seed=1)
+    assert a.fingerprint != b.fingerprint
+    assert make_tiny_denoiser(seed=0).fingerprint == a.fingerprint
+    assert make_tiny_denoiser(seed=0, t_max=30).fingerprint != a.fingerprint
+
+
+def test_float16_save_loads_as_float32(tmp_path):
+    den = make_tiny_denoiser()
+    den.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    size32 = (tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    loaded = load_denoiser(tmp_path / "half")
+    assert loaded.dtype == torch.float32
+    for (k, v), (_, w) in zip(den.unet.state_dict().items(), loaded.unet.state_dict().items(), strict=True):
+        assert torch.allclose(v, w, atol=1e-3, rtol=1e-3), k
+    assert size32 > 0
+
+
+def test_bundled_weights_missing_says_how_to_get_them(monkeypatch):
+    monkeypatch.setattr(denoiser_module, "bundled_weights_path", lambda: None)
+    with pytest.raises(FileNotFoundError, match="eclipse-transforms train"):
+        load_denoiser()
+    with pytest.raises(FileNotFoundError, match="No bundled denoiser weights"):
+        EclipsePurify()
+
+
+def test_bundled_weights_load():
+    path = denoiser_module.bundled_weights_path()
+    if path is None:
+        pytest.skip("no bundled weights in this checkout (weights/cifar10-sparse-ddpm)")
+    den = load_denoiser()
+    assert den.source.startswith("bundled:") and den.unet.config.sample_size == 32 and den.t_max >= 100
+
+
+# -- bad folders ---------------------------------------------------------------------------------------------------
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_denoiser(tmp_path / "empty")
+
+
+def test_pickle_only_is_refused_unless_allowed(tiny_folder, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_folder, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ValueError, match="only a pickle checkpoint.*allow_pickle=True"):
+        load_denoiser(folder)
+    den = load_denoiser(folder, allow_pickle=True)
+    assert den.fingerprint == make_tiny_denoiser().fingerprint
+
+
+def test_missing_scheduler_config(tiny_folder, tmp_path):
+    folder = tmp_path / "noscheduler"
+    shutil.copytree(tiny_folder, folder)
+    shutil.rmtree(folder / "scheduler")
+    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+        load_denoiser(folder)
+
+
+@pytest.mark.parametrize(
+    ("arg", "match"),
+    [("not/a/repo/id", "neither an existing folder nor a Hub repo id"), ("./missing", "neither an existing folder")],
+)
+def test_bad_pretrained_strings(arg, match):
+    with pytest.raises(ValueError, match=match):
+        load_denoiser(arg)
+
+
+def test_t_max_must_fit_the_schedule():
+    den = make_tiny_denoiser()
+    with pytest.raises(ValueError, match=r"t_max must be in \[1, 100\]"):
+        Denoiser(den.unet, den.scheduler, t_max=101)
+
+
+# -- the Hugging Face Hub, through a real local cache, offline ----------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def make_hub_cache(hf_home: Path, repo_id: str, folder: Path, commit: str = COMMIT, ref: str = "main") -> None:
+    """Lay ``folder`` out the way huggingface_hub caches a model repo: blobs, refs and a snapshot of symlinks."""
+    import hashlib
+
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(data)
+            link = repo / "snapshots" / commit / path.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+def test_hub_loading_offline(tiny_folder, tmp_path):
+    hf_home = tmp_path / "hf"
+    make_hub_cache(hf_home, "eclipse/tiny-ddpm", tiny_folder)
+    script = textwrap.dedent(f"""
+        import json
+        from eclipse_transforms import load_denoiser
+        out = {{}}
+        den = load_denoiser("eclipse/tiny-ddpm")
+        out["main"] = [den.fingerprint, den.t_max, den.source]
+        out["commit"] = load_denoiser("eclipse/tiny-ddpm", revision="{COMMIT}").fingerprint
+        for name, kw in [("missing_repo", dict(pretrained="eclipse/not-cached")),
+                         ("missing_revision", dict(pretrained="eclipse/tiny-ddpm", revision="v9.9"))]:
+            try:
+                load_denoiser(**kw)
+                out[name] = None
+            except OSError as e:
+                out[name] = str(e)
+        print(json.dumps(out))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = make_tiny_denoiser().fingerprint
+    assert out["main"] == [expected, 40, "eclipse/tiny-ddpm"]
+    assert out["commit"] == expected
+    assert out["missing_repo"] is not None and "not in the local Hub cache" in out["missing_repo"]
+    assert "eclipse/not-cached" in out["missing_repo"] and "hf download" in out["missing_repo"]
+    assert out["missing_revision"] is not None and "revision 'v9.9'" in out["missing_revision"]

@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from eclipse_transforms import (
+    CorruptionCompensation,
+    EclipsePurify,
+    ForwardDiffusion,
+    ReverseDiffusion,
+)
+
+from ._checks import check_transform
+from .conftest import H, W
+
+
+@pytest.fixture()
+def image() -> torch.Tensor:
+    return torch.rand(3, H, W, generator=torch.Generator().manual_seed(0))
+
+
+def test_eclipse_purify_contract(tiny, image):
+    check_transform(
+        EclipsePurify(tiny, t_star=10, steps=3, compensation=None, seed=0), image, deterministic=True, atol=2e-5
+    )
+
+
+def test_eclipse_purify_with_compensation_contract(tiny, image):
+    check_transform(EclipsePurify(tiny, t_star=10, steps=2, seed=0), image, deterministic=False)
+
+
+def test_forward_diffusion_contract(tiny, image):
+    check_transform(
+        ForwardDiffusion(tiny, t_star=10, seed=1), image, deterministic=True, accepts_uint8=False, range_01=False
+    )
+
+
+def test_reverse_diffusion_contract(tiny, image):
+    check_transform(
+        ReverseDiffusion(tiny, t_star=10, steps=4, seed=2), image, deterministic=True, accepts_uint8=False, atol=2e-5
+    )
+
+
+def test_compensation_contract(image):
+    check_transform(CorruptionCompensation(), image, deterministic=False)
+
+
+def test_compensation_is_fresh_on_every_call(image):
+    comp = CorruptionCompensation()
+    assert not torch.equal(comp(image), comp(image))
+    torch.manual_seed(3)
+    a = comp(image)
+    torch.manual_seed(3)
+    assert torch.equal(a, comp(image))
+
+
+def test_compensation_draws_grayscale_per_image():
+    torch.manual_seed(0)
+    x = torch.zeros(200, 3, 5, 7)
+    x[:, 0] = 1.0
+    out = CorruptionCompensation(p_gray=0.5, sigma=0.0)(x)
+    gray = (out[:, 0] == out[:, 1]).flatten(1).all(1)
+    assert 60 < gray.sum() < 140  # per image, not one decision for the whole batch
+
+
+def test_stages_compose_into_a_purifier(tiny, image):
+    noisy = ForwardDiffusion(tiny, t_star=10, seed=0)(image)
+    assert noisy.min() < 0 or noisy.max() > 1 or not torch.equal(noisy, image)
+    out = ReverseDiffusion(tiny, t_star=10, steps=2, seed=0)(noisy)
+    assert out.shape == image.shape and 0 <= out.min() and out.max() <= 1
+
+
+def test_purify_stage_properties_share_settings(tiny):
+    p = EclipsePurify(tiny, t_star=10, steps=3, seed=4)
+    assert p.noise.denoiser is tiny and p.noise.t_star == 10 and p.noise.seed == 4
+    assert p.denoise.steps == 3 and p.denoise.t_star == 10
+
+
+def test_seed_none_gives_fresh_output_and_seed_int_repeats(tiny, image):
+    fresh = EclipsePurify(tiny, t_star=10, steps=2, compensation=None)
+    assert not torch.equal(fresh(image), fresh(image))
+    fixed = EclipsePurify(tiny, t_star=10, steps=2, compensation=None, seed=7)
+    assert torch.equal(fixed(image), fixed(image))
+    other = EclipsePurify(tiny, t_star=10, steps=2, compensation=None, seed=8)
+    assert not torch.equal(fixed(image), other(image))
+
+
+def test_repr_shows_settings(tiny):
+    r = repr(EclipsePurify(tiny, t_star=10, steps=3, seed=0))
+    assert "t_star=10" in r and "steps=3" in r and "seed=0" in r and "CorruptionCompensation" in r
+    assert "p_gray=0.4" in repr(CorruptionCompensation())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tiny, image):
+    cpu = EclipsePurify(tiny, t_star=10, steps=3, compensation=None, seed=0)
+    gpu = EclipsePurify(tiny, t_star=10, steps=3, compensation=None, seed=0).to("cuda")
+    out = gpu(image.cuda())
+    assert out.device.type == "cuda"
+    assert torch.allclose(out.cpu(), cpu(image), atol=1e-4)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (torch.rand(3, H, W) * 255, r"\[0, 1\].*divide by 255"),
+        ((torch.rand(3, H, W) - 0.5) / 0.25, r"\[0, 1\].*normaliz"),
+        (torch.full((3, H, W), float("nan")), "NaN or inf"),
+        (torch.full((3, H, W), float("inf")), "NaN or inf"),
+        (torch.rand(1, H, W), "must have 3 channels"),
+        (torch.rand(4, H, W), "must have 3 channels"),
+        (torch.rand(3, 11, 7), "multiples of 2"),
+        (torch.rand(H, W), r"shape \(\.\.\., C, H, W\)"),
+        (torch.randint(0, 9, (3, H, W), dtype=torch.int32), "uint8 or floating point"),
+    ],
+)
+def test_purify_rejects_bad_images(tiny, x, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        EclipsePurify(tiny, t_star=10, steps=2)(x)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_purify_rejects_non_rgb_pil(tiny, mode):
+    img = PIL.Image.fromarray(np.zeros((H, W, 4 if mode == "RGBA" else 1), np.uint8).squeeze(), mode)
+    with pytest.raises(ValueError, match="RGB PIL image.*convert"):
+        EclipsePurify(tiny, t_star=10, steps=2)(img)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"t_star": 0}, ValueError, r"t_star must be in \[1, 100\]"),
+        ({"t_star": 500}, ValueError, r"t_star must be in \[1, 100\]"),
+        ({"t_star": 41}, ValueError, "above t_max=40"),
+        ({"t_star": 10.0}, TypeError, "t_star must be an int"),
+        ({"t_star": 10, "steps": 0}, ValueError, r"steps must be in \[1, t_star=10\]"),
+        ({"t_star": 10, "steps": 11}, ValueError, r"steps must be in \[1, t_star=10\]"),
+        ({"t_star": 10, "seed": "x"}, TypeError, "seed must be an int"),
+        ({"t_star": 10, "compensation": v2.RandomGrayscale()}, TypeError, "compensation must be"),
+    ],
+)
+def test_purify_rejects_bad_arguments(tiny, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EclipsePurify(tiny, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"p_gray": 1.5}, "p_gray must be in"), ({"sigma": -0.1}, "sigma must")]
+)
+def test_compensation_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CorruptionCompensation(**kwargs)
+
+
+def test_noise_stage_refuses_uint8(tiny):
+    with pytest.raises(TypeError, match="float image tensor.*ToDtype"):
+        ForwardDiffusion(tiny, t_star=10)(torch.zeros(3, H, W, dtype=torch.uint8))
