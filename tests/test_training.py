@@ -156,3 +156,17 @@ def test_config_roundtrip(tmp_path):
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="unknown TrainConfig keys"):
         TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_model_card_includes_measured_quality(tmp_path):
+    from eclipse_transforms.training.card import QUALITY_NAME, write_model_card
+
+    cfg = tiny_config(tmp_path, max_steps=1)
+    out = train(cfg, progress=False)
+    rows = [{"name": "1 step(s)", "psnr": 37.2, "images_per_s": 120.0}, {"name": "official", "psnr": None,
+                                                                          "images_per_s": 0.09}]
+    (out / QUALITY_NAME).write_text(json.dumps({"num_images": 10, "t_star": 20, "batch_size": 4, "hardware": "cpu",
+                                                "rows": rows}))
+    state = json.loads((out / "train_state.json").read_text())
+    card = write_model_card(out, cfg, state, num_images=None).read_text()
+    assert "| 1 step(s) | 37.20 | 120.00 |" in card and "| official | - | 0.09 |" in card

@@ -27,7 +27,8 @@ def _quality_section(root: Path) -> str:
     ]
     for row in q.get("rows", []):
         speed = f"{row['images_per_s']:.2f}" if row.get("images_per_s") is not None else "-"
-        lines.append(f"| {row['name']} | {row['psnr']:.2f} | {speed} |")
+        psnr = f"{row['psnr']:.2f}" if row.get("psnr") is not None else "-"
+        lines.append(f"| {row['name']} | {psnr} | {speed} |")
     for note in q.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
