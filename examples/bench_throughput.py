@@ -51,6 +51,7 @@ def main() -> None:
     print(f"{'setting':<40} {'batch':>6} {'images/s':>10}")
     for steps, label in (
         (DEFAULT_STEPS, f"default ({DEFAULT_STEPS} steps)"),
+        (2, "2 steps"),
         (1, "one-step x0 estimate"),
         (None, "paper sampler (100 steps)"),
     ):
