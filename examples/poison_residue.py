@@ -58,7 +58,7 @@ def main() -> None:
         for spec in args.steps.split(","):
             steps = None if spec == "paper" else int(spec)
             n = args.paper_images if steps is None else len(clean)
-            gens = lambda: index_generators(held[:n].tolist(), 0)  # noqa: E731
+            gens = lambda n=n: index_generators(held[:n].tolist(), 0)  # noqa: E731
             t0 = time.perf_counter()
             a = EF.purify(poisoned[:n], den, args.t_star, steps=steps, generator=gens())
             b = EF.purify(clean[:n], den, args.t_star, steps=steps, generator=gens())
