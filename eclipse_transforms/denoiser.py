@@ -136,7 +136,9 @@ class Denoiser(nn.Module):
         timestep = torch.as_tensor(timestep, device=sample.device)
         if timestep.ndim == 0:
             return torch.cat([self.unet(part, timestep).sample for part in sample.split(chunk)])
-        return torch.cat([self.unet(p, t).sample for p, t in zip(sample.split(chunk), timestep.split(chunk), strict=True)])
+        return torch.cat(
+            [self.unet(p, t).sample for p, t in zip(sample.split(chunk), timestep.split(chunk), strict=True)]
+        )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
         """Write the denoiser in diffusers' ``DDPMPipeline`` layout (safetensors only).

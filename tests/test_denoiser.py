@@ -200,7 +200,9 @@ def test_bundled_weights_on_held_out_cifar10():
 
     path = cifar_npz()
     if path is None or denoiser_module.bundled_weights_path() is None:
-        pytest.skip("needs the real CIFAR-10 (ECLIPSE_CIFAR10 or ../shared/data/cifar10/cifar10.npz) and bundled weights")
+        pytest.skip(
+            "needs the real CIFAR-10 (ECLIPSE_CIFAR10 or ../shared/data/cifar10/cifar10.npz) and bundled weights"
+        )
     import numpy as np
 
     from eclipse_transforms import functional as EF

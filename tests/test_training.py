@@ -163,10 +163,13 @@ def test_model_card_includes_measured_quality(tmp_path):
 
     cfg = tiny_config(tmp_path, max_steps=1)
     out = train(cfg, progress=False)
-    rows = [{"name": "1 step(s)", "psnr": 37.2, "images_per_s": 120.0}, {"name": "official", "psnr": None,
-                                                                          "images_per_s": 0.09}]
-    (out / QUALITY_NAME).write_text(json.dumps({"num_images": 10, "t_star": 20, "batch_size": 4, "hardware": "cpu",
-                                                "rows": rows}))
+    rows = [
+        {"name": "1 step(s)", "psnr": 37.2, "images_per_s": 120.0},
+        {"name": "official", "psnr": None, "images_per_s": 0.09},
+    ]
+    (out / QUALITY_NAME).write_text(
+        json.dumps({"num_images": 10, "t_star": 20, "batch_size": 4, "hardware": "cpu", "rows": rows})
+    )
     state = json.loads((out / "train_state.json").read_text())
     card = write_model_card(out, cfg, state, num_images=None).read_text()
     assert "| 1 step(s) | 37.20 | 120.00 |" in card and "| official | - | 0.09 |" in card
