@@ -1,0 +1,201 @@
+"""Model-free availability poisons, generated from their published algorithms and constants.
+
+Every poison takes uint8 images ``(N, 3, H, W)`` and int labels ``(N,)`` and returns uint8 poisoned images of the
+same shape, deterministic under ``seed``. Perturbations are computed in float ``[0, 1]`` units and the poisoned
+image is **rounded to the nearest uint8 level** (``round(255 · clip(x + δ, 0, 1))``), so an L∞ budget of
+``k/255`` is kept exactly and L2 budgets hold up to rounding.
+
+Registry (timm-style)::
+
+    >>> from eclipse_transforms.bench.poisons import list_poisons, get_poison
+    >>> list_poisons()
+    ['cuda', 'lsp', 'ops', 'urp']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as nnf
+
+from .._images import quantize
+
+__all__ = ["register_poison", "list_poisons", "get_poison", "urp", "lsp", "ops", "cuda"]
+
+PoisonFn = Callable[..., torch.Tensor]
+_REGISTRY: dict[str, PoisonFn] = {}
+
+
+def register_poison(name: str) -> Callable[[PoisonFn], PoisonFn]:
+    """Register a poison generator under ``name`` (lower case)."""
+
+    def wrap(fn: PoisonFn) -> PoisonFn:
+        if name in _REGISTRY:
+            raise ValueError(f"a poison named {name!r} is already registered.")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_poisons() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_poison(name: str) -> PoisonFn:
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown poison {name!r}; available: {', '.join(list_poisons())}.") from None
+
+
+def _check(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise TypeError("images must be a uint8 tensor of shape (N, 3, H, W).")
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}.")
+    if len(labels) and labels.min() < 0:
+        raise ValueError("labels must be non-negative class indices.")
+    return images, labels
+
+
+def _apply(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return quantize((images.float() / 255 + delta).clamp(0, 1))
+
+
+@register_poison("urp")
+def urp(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epsilon: float = 8 / 255) -> torch.Tensor:
+    """Class-wise random noise: one fixed pattern per class, uniform in ``[-ε, ε]`` per pixel and channel.
+
+    Args:
+        images: uint8 ``(N, 3, H, W)``.
+        labels: class indices ``(N,)``.
+        seed: seed of the class patterns.
+        epsilon: L∞ budget (default 8/255).
+    """
+    images, labels = _check(images, labels)
+    g = torch.Generator().manual_seed(seed)
+    k = int(labels.max()) + 1 if len(labels) else 0
+    patterns = (torch.rand((k, *images.shape[1:]), generator=g) * 2 - 1) * epsilon
+    return _apply(images, patterns[labels])
+
+
+def _linearly_separable_points(
+    counts: list[int], dim: int, class_sep: float, g: torch.Generator
+) -> list[torch.Tensor]:
+    """sklearn ``make_classification`` (n_informative=dim, one cluster per class, hypercube=True, flip_y=0):
+    class centroids on distinct vertices of the hypercube ``{±class_sep}^dim``, points ``N(0, I) @ A_c + centroid``
+    with ``A_c`` uniform in ``[-1, 1]``."""
+    vertices: set[tuple[int, ...]] = set()
+    points = []
+    for n in counts:
+        while True:
+            vertex = tuple((torch.randint(0, 2, (dim,), generator=g) * 2 - 1).tolist())
+            if vertex not in vertices:
+                vertices.add(vertex)
+                break
+        centroid = torch.tensor(vertex, dtype=torch.float64) * class_sep
+        a = torch.rand((dim, dim), generator=g, dtype=torch.float64) * 2 - 1
+        points.append(torch.randn((n, dim), generator=g, dtype=torch.float64) @ a + centroid)
+    return points
+
+
+@register_poison("lsp")
+def lsp(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    seed: int = 0,
+    patch: int = 8,
+    class_sep: float = 10.0,
+    l2: float | None = None,
+) -> torch.Tensor:
+    """Linearly separable perturbations (Yu et al., KDD 2022).
+
+    One cluster of 48-dimensional synthetic points per class (sklearn ``make_classification`` recipe, class
+    separation 10); the k-th point of class c becomes the perturbation of the k-th image of class c: reshaped to
+    ``3 x 4 x 4``, upsampled (nearest) to a ``patch x patch`` patch, tiled over the image and scaled to
+    L2 = ``(6/255)·sqrt(3·H·W)`` (≈ 1.30 for 32x32).
+
+    Args:
+        images, labels, seed: as for every poison.
+        patch: side of the repeated patch (the paper's 8).
+        class_sep: separation of the class clusters.
+        l2: per-image L2 norm of the perturbation; default ``(6/255)·sqrt(3·H·W)``.
+    """
+    images, labels = _check(images, labels)
+    n, c, h, w = images.shape
+    if h % patch or w % patch or patch % 4:
+        raise ValueError(f"patch must be a multiple of 4 dividing the image size {h}x{w}, got {patch}.")
+    l2 = (6 / 255) * (c * h * w) ** 0.5 if l2 is None else l2
+    g = torch.Generator().manual_seed(seed)
+    k = int(labels.max()) + 1 if n else 0
+    counts = [int((labels == cls).sum()) for cls in range(k)]
+    points = _linearly_separable_points(counts, 3 * 4 * 4, class_sep, g)
+    delta = torch.empty((n, c, h, w), dtype=torch.float64)
+    for cls in range(k):
+        idx = torch.nonzero(labels == cls).flatten()  # k-th image of the class gets the k-th point
+        p = points[cls].view(-1, 3, 4, 4).repeat_interleave(patch // 4, -2).repeat_interleave(patch // 4, -1)
+        delta[idx] = p.repeat(1, 1, h // patch, w // patch)
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(n, 1, 1, 1)
+    return _apply(images, (delta / norms * l2).float())
+
+
+@register_poison("ops")
+def ops(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """One-pixel shortcut (Wu et al., ICLR 2023): one pixel per class set to one corner of the RGB cube.
+
+    For each class in turn, every (pixel, corner colour) pair is scored by mean / std of ``|colour − pixel|`` over
+    the class's images and channels; the best pair not taken by an earlier class is written into every image of
+    the class. Deterministic given the data (``seed`` is unused and accepted for a uniform interface). L0 = 1 pixel.
+    """
+    images, labels = _check(images, labels)
+    n, c, h, w = images.shape
+    corners = torch.tensor([[(i >> 2) & 1, (i >> 1) & 1, i & 1] for i in range(8)], dtype=torch.float32)
+    out = images.clone()
+    taken: set[tuple[int, int]] = set()
+    for cls in range(int(labels.max()) + 1 if n else 0):
+        idx = torch.nonzero(labels == cls).flatten()
+        if not len(idx):
+            continue
+        x = images[idx].float().div(255).flatten(2)  # (m, 3, HW)
+        scores = torch.empty(8, h * w)
+        for j, colour in enumerate(corners):
+            diff = (colour.view(1, 3, 1) - x).abs()  # (m, 3, HW)
+            scores[j] = diff.mean((0, 1)) / diff.std((0, 1)).clamp_min(1e-6)
+        for flat in torch.argsort(scores.flatten(), descending=True).tolist():
+            colour_idx, pixel = divmod(flat, h * w)
+            if (pixel, colour_idx) not in taken:
+                taken.add((pixel, colour_idx))
+                break
+        value = (corners[colour_idx] * 255).to(torch.uint8)
+        rows = out[idx].flatten(2)
+        rows[:, :, pixel] = value.view(1, 3)
+        out[idx] = rows.view(len(idx), c, h, w)
+    return out
+
+
+@register_poison("cuda")
+def cuda(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, blur: float = 0.3) -> torch.Tensor:
+    """Convolution-based unlearnable data (Sadasivan et al., CVPR 2023). Unbounded.
+
+    Per class a 3x3 kernel with weights ``U(0, blur)`` and one random tap set to 1.0, applied depthwise (the same
+    kernel on every channel, zero padding); each image is then divided by its own maximum.
+    """
+    images, labels = _check(images, labels)
+    g = torch.Generator().manual_seed(seed)
+    k = int(labels.max()) + 1 if len(labels) else 0
+    kernels = torch.rand((k, 3, 3), generator=g) * blur
+    taps = torch.randint(0, 9, (k,), generator=g)
+    kernels.view(k, 9)[torch.arange(k), taps] = 1.0
+    x = images.float() / 255
+    out = torch.empty_like(x)
+    for cls in range(k):
+        idx = torch.nonzero(labels == cls).flatten()
+        if len(idx):
+            weight = kernels[cls].expand(3, 1, 3, 3)
+            out[idx] = nnf.conv2d(x[idx], weight, padding=1, groups=3)
+    out = out / out.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return quantize(out)
