@@ -25,6 +25,7 @@ from torchvision.transforms import v2
 
 from eclipse_transforms import CorruptionCompensation, EclipsePurify, PurifiedDataset
 from eclipse_transforms._data import load_image_set
+from eclipse_transforms.bench.poisons import get_poison, list_poisons
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +77,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--poison", default=None, help="poison the training subset first: " + ", ".join(list_poisons())
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -95,7 +99,10 @@ def main() -> None:
     augment = v2.Compose(
         [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)]
     )
-    train = ImageDataset(train_set.images[idx], train_set.labels[idx])
+    train_images, train_labels = train_set.images[idx], train_set.labels[idx]
+    if args.poison:
+        train_images = get_poison(args.poison)(train_images, train_labels, seed=0)
+    train = ImageDataset(train_images, train_labels)
     if args.defense in ("eclipse", "purify-only"):
         # --- ECLIPSE: purify once (cached on disk), compensation redrawn every epoch -----------------------------
         purify = EclipsePurify(
@@ -135,11 +142,25 @@ def main() -> None:
         model.eval()
         with torch.inference_mode():
             hits = sum((model(x).argmax(1) == y).sum().item() for x, y in DataLoader(test, batch_size=500))
+        accuracy = hits / len(test)
         print(
             f"epoch {epoch + 1}/{args.epochs}: train acc {correct / seen:.3f}, "
-            f"test acc {hits / len(test):.4f} ({len(test)} held-out images), {time.perf_counter() - t0:.0f} s",
+            f"test acc {accuracy:.4f} ({len(test)} held-out images), {time.perf_counter() - t0:.0f} s",
             flush=True,
         )
+
+    print(
+        json.dumps(
+            {
+                "poison": args.poison,
+                "defense": args.defense,
+                "subset": len(train),
+                "epochs": args.epochs,
+                "test_accuracy": accuracy,
+                "test_images": len(test),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Registry (timm-style)::
 
     >>> from eclipse_transforms.bench.poisons import list_poisons, get_poison
     >>> list_poisons()
-    ['cuda', 'lsp', 'ops', 'urp']
+    ['ar', 'cuda', 'lsp', 'ops', 'urp']
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as nnf
 
 from .._images import quantize
 
-__all__ = ["register_poison", "list_poisons", "get_poison", "urp", "lsp", "ops", "cuda"]
+__all__ = ["register_poison", "list_poisons", "get_poison", "urp", "lsp", "ar", "ops", "cuda"]
 
 PoisonFn = Callable[..., torch.Tensor]
 _REGISTRY: dict[str, PoisonFn] = {}
@@ -114,33 +114,118 @@ def lsp(
 ) -> torch.Tensor:
     """Linearly separable perturbations (Yu et al., KDD 2022).
 
-    One cluster of 48-dimensional synthetic points per class (sklearn ``make_classification`` recipe, class
-    separation 10); the k-th point of class c becomes the perturbation of the k-th image of class c: reshaped to
-    ``3 x 4 x 4``, upsampled (nearest) to a ``patch x patch`` patch, tiled over the image and scaled to
-    L2 = ``(6/255)·sqrt(3·H·W)`` (≈ 1.30 for 32x32).
+    One cluster of synthetic points per class (sklearn ``make_classification`` recipe, class separation 10) in
+    ``3·(H/patch)·(W/patch)`` dimensions (48 for 32x32 and patch 8); the k-th point of class c becomes the
+    perturbation of the k-th image of class c: reshaped to ``3 x H/patch x W/patch``, each value upsampled
+    (nearest) to a ``patch x patch`` patch, and scaled to L2 = ``(6/255)·sqrt(3·H·W)`` (≈ 1.30 for 32x32).
 
     Args:
         images, labels, seed: as for every poison.
-        patch: side of the repeated patch (the paper's 8).
+        patch: side of the constant patches (the paper's 8).
         class_sep: separation of the class clusters.
         l2: per-image L2 norm of the perturbation; default ``(6/255)·sqrt(3·H·W)``.
     """
     images, labels = _check(images, labels)
     n, c, h, w = images.shape
-    if h % patch or w % patch or patch % 4:
-        raise ValueError(f"patch must be a multiple of 4 dividing the image size {h}x{w}, got {patch}.")
+    if h % patch or w % patch:
+        raise ValueError(f"patch must divide the image size {h}x{w}, got {patch}.")
     l2 = (6 / 255) * (c * h * w) ** 0.5 if l2 is None else l2
     g = torch.Generator().manual_seed(seed)
     k = int(labels.max()) + 1 if n else 0
     counts = [int((labels == cls).sum()) for cls in range(k)]
-    points = _linearly_separable_points(counts, 3 * 4 * 4, class_sep, g)
+    points = _linearly_separable_points(counts, c * (h // patch) * (w // patch), class_sep, g)
     delta = torch.empty((n, c, h, w), dtype=torch.float64)
     for cls in range(k):
         idx = torch.nonzero(labels == cls).flatten()  # k-th image of the class gets the k-th point
-        p = points[cls].view(-1, 3, 4, 4).repeat_interleave(patch // 4, -2).repeat_interleave(patch // 4, -1)
-        delta[idx] = p.repeat(1, 1, h // patch, w // patch)
+        p = points[cls].view(-1, c, h // patch, w // patch)
+        delta[idx] = p.repeat_interleave(patch, -2).repeat_interleave(patch, -1)
     norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(n, 1, 1, 1)
     return _apply(images, (delta / norms * l2).float())
+
+
+def _ar_fill(coeffs: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Fill ``start`` (``(n, 3, H, W)``) in raster order with the causal AR process ``coeffs`` (``(3, 3, 3)``, the
+    bottom-right tap of each channel's window being the pixel itself, coefficient 0), no innovation noise."""
+    x = start.clone()
+    h, w = x.shape[-2:]
+    c = coeffs.view(1, 3, 9)
+    for i in range(2, h):
+        for j in range(2, w):
+            window = x[:, :, i - 2 : i + 1, j - 2 : j + 1].reshape(x.shape[0], 3, 9)
+            x[:, :, i, j] = (window * c).sum(-1)
+    return x
+
+
+def _ar_response(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-image norm of the AR filter ``x_ij - Σ β x_past`` of ``coeffs`` over ``x``, relative to ``‖x‖``."""
+    weight = -coeffs.clone().view(3, 1, 3, 3)
+    weight[:, 0, 2, 2] = 1.0
+    r = nnf.conv2d(x, weight, groups=3)
+    return r.flatten(1).norm(dim=1) / x[:, :, 2:, 2:].flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def _ar_coefficients(
+    k: int, g: torch.Generator, min_response: float, size: tuple[int, int], probes: int = 8, max_l1: float = 3.0
+) -> torch.Tensor:
+    """The paper's rejection search: per class, 8 causal N(0,1) coefficients per channel normalised to sum to 1,
+    kept only if its filter and every earlier class's filter respond to each other's processes with at least
+    ``min_response`` (relative norm), so no class's filter also annihilates another class's perturbation.
+    Processes that blow up over an image of ``size`` (start included) are rejected too."""
+    accepted: list[torch.Tensor] = []
+    samples: list[torch.Tensor] = []
+    for _ in range(100_000):
+        if len(accepted) == k:
+            break
+        beta = torch.randn((3, 9), generator=g)
+        beta[:, 8] = 0
+        beta = beta / beta.sum(-1, keepdim=True)
+        if beta.abs().sum(-1).max() > max_l1:  # cheap pre-screen: large coefficients make the process blow up
+            continue
+        beta = beta.view(3, 3, 3)
+        sample = _ar_fill(beta, torch.randn((probes, 3, *size), generator=g))[:, :, 4:, 4:]
+        if not torch.isfinite(sample).all() or sample.abs().max() > 1e3:
+            continue
+        ok = all(
+            _ar_response(beta, other).min() >= min_response and _ar_response(coef, sample).min() >= min_response
+            for coef, other in zip(accepted, samples, strict=True)
+        )
+        if ok:
+            accepted.append(beta)
+            samples.append(sample)
+    if len(accepted) < k:
+        raise RuntimeError(f"found only {len(accepted)} of {k} AR processes; lower min_response.")
+    return torch.stack(accepted)
+
+
+@register_poison("ar")
+def ar(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    seed: int = 0,
+    l2: float = 1.0,
+    min_response: float = 0.5,
+) -> torch.Tensor:
+    """Autoregressive perturbations (Sandoval-Segura et al., NeurIPS 2022).
+
+    One 3x3 causal AR process per class and channel (8 coefficients, found by rejection search so each class's
+    AR filter responds strongly to the other classes' processes). Each image gets a fresh process: an
+    ``N(0, 1)`` start of size ``(H+4) x (W+4)``, filled in raster order with no innovation noise, the last
+    ``H x W`` kept, scaled to L2 = ``l2`` (1.0, not an L∞ 8/255 budget). The recursion runs batched over all
+    images of a class.
+    """
+    images, labels = _check(images, labels)
+    n, c, h, w = images.shape
+    g = torch.Generator().manual_seed(seed)
+    k = int(labels.max()) + 1 if n else 0
+    coeffs = _ar_coefficients(k, g, min_response, (h + 4, w + 4))
+    delta = torch.empty((n, c, h, w))
+    for cls in range(k):
+        idx = torch.nonzero(labels == cls).flatten()
+        if len(idx):
+            x = _ar_fill(coeffs[cls], torch.randn((len(idx), 3, h + 4, w + 4), generator=g))[:, :, 4:, 4:]
+            delta[idx] = x / x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * l2
+    return _apply(images, delta)
 
 
 @register_poison("ops")
