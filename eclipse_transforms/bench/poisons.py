@@ -14,7 +14,7 @@ Registry (timm-style)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as nnf
@@ -61,6 +61,18 @@ def _check(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     return images, labels
 
 
+def _num_classes(labels: torch.Tensor) -> int:
+    return int(labels.max()) + 1 if len(labels) else 0
+
+
+def _class_indices(labels: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(class, indices of its images in order)`` for every class that has images."""
+    for cls in range(_num_classes(labels)):
+        idx = torch.nonzero(labels == cls).flatten()
+        if len(idx):
+            yield cls, idx
+
+
 def _apply(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return quantize((images.float() / 255 + delta).clamp(0, 1))
 
@@ -77,8 +89,7 @@ def urp(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epsilon: f
     """
     images, labels = _check(images, labels)
     g = torch.Generator().manual_seed(seed)
-    k = int(labels.max()) + 1 if len(labels) else 0
-    patterns = (torch.rand((k, *images.shape[1:]), generator=g) * 2 - 1) * epsilon
+    patterns = (torch.rand((_num_classes(labels), *images.shape[1:]), generator=g) * 2 - 1) * epsilon
     return _apply(images, patterns[labels])
 
 
@@ -131,12 +142,10 @@ def lsp(
         raise ValueError(f"patch must divide the image size {h}x{w}, got {patch}.")
     l2 = (6 / 255) * (c * h * w) ** 0.5 if l2 is None else l2
     g = torch.Generator().manual_seed(seed)
-    k = int(labels.max()) + 1 if n else 0
-    counts = [int((labels == cls).sum()) for cls in range(k)]
+    counts = [int((labels == cls).sum()) for cls in range(_num_classes(labels))]
     points = _linearly_separable_points(counts, c * (h // patch) * (w // patch), class_sep, g)
     delta = torch.empty((n, c, h, w), dtype=torch.float64)
-    for cls in range(k):
-        idx = torch.nonzero(labels == cls).flatten()  # k-th image of the class gets the k-th point
+    for cls, idx in _class_indices(labels):  # the k-th image of the class gets the k-th point
         p = points[cls].view(-1, c, h // patch, w // patch)
         delta[idx] = p.repeat_interleave(patch, -2).repeat_interleave(patch, -1)
     norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(n, 1, 1, 1)
@@ -217,14 +226,11 @@ def ar(
     images, labels = _check(images, labels)
     n, c, h, w = images.shape
     g = torch.Generator().manual_seed(seed)
-    k = int(labels.max()) + 1 if n else 0
-    coeffs = _ar_coefficients(k, g, min_response, (h + 4, w + 4))
+    coeffs = _ar_coefficients(_num_classes(labels), g, min_response, (h + 4, w + 4))
     delta = torch.empty((n, c, h, w))
-    for cls in range(k):
-        idx = torch.nonzero(labels == cls).flatten()
-        if len(idx):
-            x = _ar_fill(coeffs[cls], torch.randn((len(idx), 3, h + 4, w + 4), generator=g))[:, :, 4:, 4:]
-            delta[idx] = x / x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * l2
+    for cls, idx in _class_indices(labels):
+        x = _ar_fill(coeffs[cls], torch.randn((len(idx), 3, h + 4, w + 4), generator=g))[:, :, 4:, 4:]
+        delta[idx] = x / x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * l2
     return _apply(images, delta)
 
 
@@ -241,10 +247,7 @@ def ops(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> torch.T
     corners = torch.tensor([[(i >> 2) & 1, (i >> 1) & 1, i & 1] for i in range(8)], dtype=torch.float32)
     out = images.clone()
     taken: set[tuple[int, int]] = set()
-    for cls in range(int(labels.max()) + 1 if n else 0):
-        idx = torch.nonzero(labels == cls).flatten()
-        if not len(idx):
-            continue
+    for _, idx in _class_indices(labels):
         x = images[idx].float().div(255).flatten(2)  # (m, 3, HW)
         scores = torch.empty(8, h * w)
         for j, colour in enumerate(corners):
@@ -271,16 +274,13 @@ def cuda(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, blur: flo
     """
     images, labels = _check(images, labels)
     g = torch.Generator().manual_seed(seed)
-    k = int(labels.max()) + 1 if len(labels) else 0
+    k = _num_classes(labels)
     kernels = torch.rand((k, 3, 3), generator=g) * blur
     taps = torch.randint(0, 9, (k,), generator=g)
     kernels.view(k, 9)[torch.arange(k), taps] = 1.0
     x = images.float() / 255
     out = torch.empty_like(x)
-    for cls in range(k):
-        idx = torch.nonzero(labels == cls).flatten()
-        if len(idx):
-            weight = kernels[cls].expand(3, 1, 3, 3)
-            out[idx] = nnf.conv2d(x[idx], weight, padding=1, groups=3)
+    for cls, idx in _class_indices(labels):
+        out[idx] = nnf.conv2d(x[idx], kernels[cls].expand(3, 1, 3, 3), padding=1, groups=3)
     out = out / out.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     return quantize(out)
