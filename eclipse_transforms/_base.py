@@ -9,7 +9,9 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from . import functional as EF
 from ._images import to_float_batch
+from .denoiser import Denoiser, load_denoiser
 
 __all__ = ["ImageTransform"]
 
@@ -57,9 +59,6 @@ class DiffusionTransform(ImageTransform):
     def __init__(
         self, denoiser: Any = None, *, t_star: int = 100, seed: int | None = None, revision: str | None = None
     ) -> None:
-        from . import functional as EF
-        from .denoiser import Denoiser, load_denoiser
-
         super().__init__()
         if not isinstance(denoiser, Denoiser):
             denoiser = load_denoiser(denoiser, revision=revision)

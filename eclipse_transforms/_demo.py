@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -73,8 +74,6 @@ def run_demo(
     patterns = (torch.randint(0, 2, (2, *clean.shape[1:]), generator=g) * 2 - 1) * epsilon
     poisoned = (clean + patterns[torch.arange(len(clean)) % 2]).clamp(0, 1)
     poisoned = poisoned.mul(255).round().div(255)  # stored as uint8, as a real poisoned dataset is
-
-    import time
 
     gens = lambda: index_generators(range(len(clean)), purify.seed or 0)  # noqa: E731
     t0 = time.perf_counter()

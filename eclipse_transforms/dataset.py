@@ -243,9 +243,7 @@ class PurifiedDataset(Dataset):
         return state
 
     def __repr__(self) -> str:
-        done = self._store.num_shards - len(
-            [i for i in range(self._store.num_shards) if str(i) not in self._store.checksums]
-        )
+        done = len(self._store.checksums)
         lines = [
             f"dataset: {type(self.dataset).__name__} ({len(self)} items, images {tuple(self.image_shape)})",
             f"t_star={self._store.meta['t_star']}, steps={self._store.meta['steps']}, seed={self.seed}",
