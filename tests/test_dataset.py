@@ -234,3 +234,12 @@ def test_bad_arguments(purify, tmp_path, kw, match):
         build(purify, tmp_path, **kw)
     with pytest.raises(TypeError, match="purify must be an EclipsePurify"):
         PurifiedDataset(ToyDataset(), v2.RandomGrayscale(), cache_dir=tmp_path)
+
+
+def test_compensation_matches_the_transform_under_a_seed(purify, tmp_path):
+    ds = build(purify, tmp_path)
+    torch.manual_seed(5)
+    got = ds[3][0]
+    torch.manual_seed(5)
+    expected = purify.compensation(tv_tensors.Image(ds.purified(3).float() / 255))
+    assert torch.equal(got, expected)
