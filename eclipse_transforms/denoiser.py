@@ -133,12 +133,9 @@ class Denoiser(nn.Module):
         chunk = self.cpu_micro_batch if sample.device.type == "cpu" else None
         if chunk is None or sample.shape[0] <= chunk:
             return self.unet(sample, timestep).sample
-        timestep = torch.as_tensor(timestep, device=sample.device)
-        if timestep.ndim == 0:
-            return torch.cat([self.unet(part, timestep).sample for part in sample.split(chunk)])
-        return torch.cat(
-            [self.unet(p, t).sample for p, t in zip(sample.split(chunk), timestep.split(chunk), strict=True)]
-        )
+        timestep = torch.as_tensor(timestep, device=sample.device).expand(sample.shape[0])
+        parts = zip(sample.split(chunk), timestep.split(chunk), strict=True)
+        return torch.cat([self.unet(part, t).sample for part, t in parts])
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
         """Write the denoiser in diffusers' ``DDPMPipeline`` layout (safetensors only).

@@ -73,6 +73,11 @@ def _class_indices(labels: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
             yield cls, idx
 
 
+def _scale_l2(delta: torch.Tensor, l2: float) -> torch.Tensor:
+    """Scale every perturbation of ``delta`` (``(N, ...)``) to L2 norm ``l2``."""
+    return delta / delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (delta.ndim - 1)) * l2
+
+
 def _apply(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return quantize((images.float() / 255 + delta).clamp(0, 1))
 
@@ -148,8 +153,7 @@ def lsp(
     for cls, idx in _class_indices(labels):  # the k-th image of the class gets the k-th point
         p = points[cls].view(-1, c, h // patch, w // patch)
         delta[idx] = p.repeat_interleave(patch, -2).repeat_interleave(patch, -1)
-    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(n, 1, 1, 1)
-    return _apply(images, (delta / norms * l2).float())
+    return _apply(images, _scale_l2(delta, l2).float())
 
 
 def _ar_fill(coeffs: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -230,7 +234,7 @@ def ar(
     delta = torch.empty((n, c, h, w))
     for cls, idx in _class_indices(labels):
         x = _ar_fill(coeffs[cls], torch.randn((len(idx), 3, h + 4, w + 4), generator=g))[:, :, 4:, 4:]
-        delta[idx] = x / x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * l2
+        delta[idx] = _scale_l2(x, l2)
     return _apply(images, delta)
 
 
