@@ -4,6 +4,7 @@ eclipse-transforms demo   [--out grid.png]                 # purify generated po
 eclipse-transforms purify INPUT OUTPUT [--t-star --steps]  # ImageFolder / CIFAR root / .npz -> folder or .npz
 eclipse-transforms info   [--weights PATH_OR_REPO]         # which weights, their config
 eclipse-transforms train  --data D --output-dir O [...]    # train a denoiser on a sparse clean set
+eclipse-transforms bench  --data D --poisons lsp,ar --tier quick   # poisons x defenses -> table, chart
 """
 
 from __future__ import annotations
@@ -91,22 +92,39 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_parser(p: argparse.ArgumentParser) -> None:
-    from .training import TrainConfig
-
-    for f in dataclasses.fields(TrainConfig):
+def _add_config_options(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a config dataclass, typed from its annotation, with its help and default."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING
         help_ = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
+        kind = str(f.type)
+        if kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        elif f.name == "block_out_channels":
-            p.add_argument(flag, type=int, nargs="+", default=list(f.default), help=help_)
+        elif kind.startswith("tuple[int"):
+            default = list(f.default) if f.default else None
+            p.add_argument(flag, type=int, nargs="+", default=default, help=f"{help_} (default: {default})")
+        elif kind.startswith("tuple[str"):
+            p.add_argument(flag, default=",".join(f.default), help=f"{help_} (default: {','.join(f.default)})")
         else:
-            kind = str(f.type)
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
             extra = {"required": True} if required else {"default": f.default}
-            p.add_argument(flag, type=conv, help=help_ if required else f"{help_} (default: {f.default})", **extra)
+            shown = required or "default" in help_
+            p.add_argument(flag, type=conv, help=help_ if shown else f"{help_} (default: {f.default})", **extra)
+
+
+def _config_from_args(cls: type, args: argparse.Namespace, **extra):
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names}
+    return cls(**values, **extra)
+
+
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    from .training import TrainConfig
+
+    _add_config_options(p, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue from output-dir's latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output-dir")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
@@ -115,8 +133,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names})
+    config = _config_from_args(TrainConfig, args)
     out = train(
         config,
         resume=args.resume,
@@ -125,6 +142,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench.report import format_table
+    from .bench.runner import BenchConfig, run_bench
+
+    config = _config_from_args(BenchConfig, args, progress=not args.no_progress)
+    results = run_bench(config)
+    print(format_table(results))
+    out = Path(config.output_dir)
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'} and {out / 'chart.png'}")
     return 0
 
 
@@ -169,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a denoiser on a sparse clean set")
     _train_parser(p)
     p.set_defaults(func=_cmd_train)
+
+    from .bench.runner import BenchConfig
+
+    p = sub.add_parser("bench", help="train classifiers on poisoned data under each defense; write table and chart")
+    _add_config_options(p, BenchConfig, skip=("progress",))
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

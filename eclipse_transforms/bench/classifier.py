@@ -1,0 +1,215 @@
+"""The bench's classifier training: one recipe for every cell, on uint8 tensors held in memory.
+
+Augmentation (random crop with zero padding, horizontal flip), the per-epoch defense transform and the optional
+PGD adversary are applied to whole batches, so a 2-core CPU spends its time in the network, not in a DataLoader.
+All randomness comes from generators seeded by ``(seed, epoch)``: a cell is reproducible and two cells that differ
+only in their defense see the same order, crops and flips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as nnf
+from tqdm.auto import tqdm
+
+from .._images import derive_seed
+from .models import build_model
+
+__all__ = ["Recipe", "train_classifier", "evaluate", "random_crop_flip"]
+
+EpochTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a bench classifier is trained (same for every cell of a table)."""
+
+    model: str = "compact"
+    widths: tuple[int, ...] = (32, 64, 128)
+    epochs: int = 15
+    batch_size: int = 256
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.2
+    warmup: float = 0.2
+    crop_padding: int = 4
+    flip: bool = True
+    tta: bool = True
+    adversarial_epsilon: float = 0.0
+    adversarial_steps: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ValueError(f"recipe lr must be > 0, got {self.lr}.")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"recipe warmup must be a fraction in [0, 1), got {self.warmup}.")
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - names:
+            raise ValueError(f"unknown recipe keys {sorted(set(d) - names)}; known: {sorted(names)}.")
+        return cls(**d)
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Batched ``RandomCrop(size, padding)`` (zero padding) and ``RandomHorizontalFlip`` of ``(N, C, H, W)``."""
+    n, c, h, w = x.shape
+    if padding > 0:
+        padded = nnf.pad(x, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+        x = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    if flip:
+        mask = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(mask.view(n, 1, 1, 1), x.flip(-1), x)
+    return x
+
+
+def _pgd(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, steps: int, generator: torch.Generator
+) -> torch.Tensor:
+    """L∞ PGD (Madry et al.): random start, ``steps`` signed steps of 2.5·ε/steps, maximising cross-entropy."""
+    step = 2.5 * epsilon / steps
+    delta = ((torch.rand(x.shape, generator=generator) * 2 - 1) * epsilon).to(x.device)
+    model.eval()
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = nnf.cross_entropy(model((x + delta).clamp(0, 1)), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() + step * grad.sign()).clamp(-epsilon, epsilon)
+    model.train()
+    return (x + delta).clamp(0, 1).detach()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    tta: bool = True,
+    batch_size: int = 1000,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Top-1 accuracy on uint8 ``images`` (``(N, 3, H, W)``); with ``tta``, logits averaged with the flipped image."""
+    model.eval()
+    hits = 0
+    for start in range(0, len(images), batch_size):
+        x = (
+            images[start : start + batch_size]
+            .to(device)
+            .float()
+            .div_(255)
+            .contiguous(memory_format=torch.channels_last)
+        )
+        logits = model(x)
+        if tta:
+            logits = logits + model(x.flip(-1))
+        hits += (logits.argmax(1).cpu() == labels[start : start + batch_size]).sum().item()
+    return hits / len(images)
+
+
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    recipe: Recipe = Recipe(),
+    *,
+    epoch_transform: EpochTransform | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Train ``recipe``'s classifier on uint8 ``images`` and report its accuracy on ``test_images``.
+
+    Args:
+        images: uint8 ``(N, 3, H, W)`` training images (already poisoned and/or defended).
+        labels: int64 ``(N,)``.
+        test_images: uint8 ``(M, 3, H, W)`` clean test images; test_labels: ``(M,)``.
+        recipe: the training recipe.
+        epoch_transform: ``f(x, generator)`` applied to every float training batch in ``[0, 1]`` before the
+            augmentation, freshly each epoch (e.g. ECLIPSE's compensation).
+        seed: seed of the initialisation, data order, augmentation and epoch transform.
+        progress: show a tqdm bar.
+        desc: label of the progress bar.
+        device: where the network trains; batches are built on the CPU and moved there.
+
+    Returns:
+        ``{"test_accuracy", "train_accuracy", "train_seconds", "images_per_second", "parameters"}``.
+    """
+    if images.dtype != torch.uint8 or test_images.dtype != torch.uint8:
+        raise TypeError("images and test_images must be uint8 tensors (N, 3, H, W).")
+    labels, test_labels = labels.long(), test_labels.long()
+    num_classes = int(max(labels.max(), test_labels.max())) + 1
+    torch.manual_seed(seed)
+    model = build_model(recipe.model, recipe.widths, num_classes).to(device)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        nesterov=True,
+    )
+    steps_per_epoch = math.ceil(len(images) / recipe.batch_size)
+    total = recipe.epochs * steps_per_epoch
+    warm = max(1, int(recipe.warmup * total))  # linear warm-up to lr, then linear decay to 0 at the last step
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+    )
+    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", leave=False)
+    start, correct, seen = time.perf_counter(), 0, 0
+    for epoch in range(recipe.epochs):
+        g = torch.Generator().manual_seed(derive_seed("classifier", seed, epoch))
+        order = torch.randperm(len(images), generator=g)
+        correct, seen = 0, 0
+        model.train()
+        for b in range(steps_per_epoch):
+            idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
+            x = images[idx].float().div_(255)
+            if epoch_transform is not None:
+                x = epoch_transform(x, g)
+            x = random_crop_flip(x, recipe.crop_padding, recipe.flip, g)
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            y = labels[idx].to(device)
+            if recipe.adversarial_epsilon > 0:
+                x = _pgd(model, x, y, recipe.adversarial_epsilon, recipe.adversarial_steps, g)
+            out = model(x)
+            loss = nnf.cross_entropy(out, y, label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {
+        "test_accuracy": evaluate(model, test_images, test_labels, tta=recipe.tta, device=device),
+        "train_accuracy": correct / max(seen, 1),
+        "train_seconds": seconds,
+        "images_per_second": recipe.epochs * len(images) / seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }

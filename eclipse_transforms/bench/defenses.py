@@ -1,0 +1,184 @@
+"""Defenses the bench compares, in a small registry: none, ISS grayscale / JPEG, ECLIPSE and its two ablations.
+
+A defense has two parts, either of which may be absent:
+
+* ``prepare(images, labels) -> images``: a deterministic map of the whole uint8 training set, computed once and
+  cached by the runner (ECLIPSE's purification, ISS's compression). ISS applies its compression "to training
+  images every epoch"; grayscale and JPEG at a fixed quality are deterministic, so applying them once is the same.
+* ``epoch_transform(x, generator) -> x``: applied to every float training batch afresh each epoch, before the
+  crop/flip augmentation (ECLIPSE's corruption compensation).
+
+and may ask the trainer for PGD adversarial training (``adversarial_epsilon``).
+
+    >>> from eclipse_transforms.bench.defenses import list_defenses
+    >>> list_defenses()[:4]
+    ['adv-training', 'compensation-only', 'eclipse', 'eclipse-1step']
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+from torchvision.transforms.v2 import functional as F
+
+from .. import functional as EF
+from ..compensation import CorruptionCompensation
+from ..dataset import PurifiedDataset
+from ..purify import DEFAULT_STEPS, EclipsePurify
+
+__all__ = ["Defense", "DefenseContext", "register_defense", "list_defenses", "get_defense"]
+
+
+@dataclass(frozen=True)
+class DefenseContext:
+    """What a defense may need from the run: the denoiser, where to cache, the seed, progress bars."""
+
+    weights: str | None = None
+    cache_dir: str | None = None
+    t_star: int = 100
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Defense:
+    """One row of the bench's table. ``options`` is recorded in the results (everything that changes the row)."""
+
+    name: str
+    prepare: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    epoch_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    adversarial_epsilon: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+DefenseFactory = Callable[[DefenseContext], Defense]
+_REGISTRY: dict[str, DefenseFactory] = {}
+
+
+def register_defense(name: str) -> Callable[[DefenseFactory], DefenseFactory]:
+    """Register ``factory(context) -> Defense`` under ``name``."""
+
+    def wrap(factory: DefenseFactory) -> DefenseFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"a defense named {name!r} is already registered.")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def list_defenses() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_defense(name: str, context: DefenseContext | None = None) -> Defense:
+    """Build the defense ``name`` for ``context`` (default: bundled weights, default cache)."""
+    try:
+        factory = _REGISTRY[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown defense {name!r}; available: {', '.join(list_defenses())}.") from None
+    return factory(context or DefenseContext())
+
+
+# -- building blocks ------------------------------------------------------------------------------------------------
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma of uint8 ``(N, 3, H, W)``, kept 3-channel (ISS-Gray: ``transforms.Grayscale(3)``)."""
+    return F.rgb_to_grayscale(images, num_output_channels=3)
+
+
+def jpeg(images: torch.Tensor, quality: int = 10) -> torch.Tensor:
+    """Encode and decode uint8 ``(N, 3, H, W)`` as JPEG at ``quality`` with Pillow (ISS-JPEG uses quality 10)."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in [1, 100], got {quality}.")
+    out = torch.empty_like(images)
+    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
+    return out
+
+
+def purified(images: torch.Tensor, labels: torch.Tensor, context: DefenseContext, steps: int | None) -> torch.Tensor:
+    """ECLIPSE stages 1-2 of every image, through :class:`PurifiedDataset` (cached and resumable)."""
+    purify = EclipsePurify(context.weights, t_star=context.t_star, steps=steps, compensation=None)
+    ds = PurifiedDataset(
+        TensorDataset(images, labels),
+        purify,
+        cache_dir=context.cache_dir,
+        batch_size=context.batch_size,
+        device=context.device,
+        seed=context.seed,
+        progress=context.progress,
+    )
+    return torch.stack([ds.purified(i) for i in range(len(ds))])
+
+
+def compensation(p_gray: float = 0.4, sigma: float = 0.05) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    CorruptionCompensation(p_gray=p_gray, sigma=sigma)  # validates the arguments the way users see them checked
+
+    def apply(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return EF.compensate(x, p_gray=p_gray, sigma=sigma, generator=generator)
+
+    return apply
+
+
+# -- the registry ---------------------------------------------------------------------------------------------------
+
+
+@register_defense("none")
+def _none(context: DefenseContext) -> Defense:
+    return Defense("none")
+
+
+@register_defense("iss-gray")
+def _iss_gray(context: DefenseContext) -> Defense:
+    return Defense("iss-gray", prepare=lambda x, y: grayscale(x))
+
+
+@register_defense("iss-jpeg")
+def _iss_jpeg(context: DefenseContext) -> Defense:
+    return Defense("iss-jpeg", prepare=lambda x, y: jpeg(x, 10), options={"quality": 10})
+
+
+def _eclipse(name: str, steps: int | None, compensate: bool) -> DefenseFactory:
+    def factory(context: DefenseContext) -> Defense:
+        return Defense(
+            name,
+            prepare=lambda x, y: purified(x, y, context, steps),
+            epoch_transform=compensation() if compensate else None,
+            options={
+                "t_star": context.t_star,
+                "steps": "paper" if steps is None else steps,
+                "compensation": compensate,
+                "weights": context.weights or "bundled",
+            },
+        )
+
+    return factory
+
+
+register_defense("eclipse")(_eclipse("eclipse", DEFAULT_STEPS, True))
+register_defense("purify-only")(_eclipse("purify-only", DEFAULT_STEPS, False))
+register_defense("eclipse-paper-sampler")(_eclipse("eclipse-paper-sampler", None, True))
+register_defense("eclipse-1step")(_eclipse("eclipse-1step", 1, True))
+
+
+@register_defense("compensation-only")
+def _compensation_only(context: DefenseContext) -> Defense:
+    return Defense("compensation-only", epoch_transform=compensation(), options={"p_gray": 0.4, "sigma": 0.05})
+
+
+@register_defense("adv-training")
+def _adversarial(context: DefenseContext) -> Defense:
+    return Defense("adv-training", adversarial_epsilon=8 / 255, options={"pgd": "Linf 8/255, 10 steps"})

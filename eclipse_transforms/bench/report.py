@@ -1,0 +1,82 @@
+"""The bench's outputs for people: a Markdown table in the paper's layout and a grouped bar chart."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+from .._cache import _atomic_write
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["accuracy_grid", "format_table", "write_table", "write_chart"]
+
+
+def accuracy_grid(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``{defense: {column: test accuracy in %, or None if not run yet}}``, plus ``"mean"`` over the poisons."""
+    acc = {(c["poison"], c["defense"]): 100 * c["test_accuracy"] for c in results["cells"]}
+    poisons = [c for c in results["columns"] if c != "clean"]
+    grid: dict[str, dict[str, float | None]] = {}
+    for defense in results["defenses"]:
+        row: dict[str, float | None] = {col: acc.get((col, defense)) for col in results["columns"]}
+        values = [row[p] for p in poisons]
+        row["mean"] = sum(values) / len(values) if poisons and None not in values else None  # type: ignore[arg-type]
+        grid[defense] = row
+    return grid
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown: rows = defenses, columns = clean, each poison, mean over poisons (test accuracy %)."""
+    grid = accuracy_grid(results)
+    columns = [*results["columns"], "mean"]
+    head = "| defense | " + " | ".join(c.upper() if c not in ("clean", "mean") else c for c in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for defense, row in grid.items():
+        cells = ["—" if row[c] is None else f"{row[c]:.1f}" for c in columns]
+        lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+    cells = results["cells"]
+    tier = results.get("tier", {})
+    n_test = cells[0]["test_images"] if cells else "?"
+    note = (
+        f"\nTest accuracy (%) on {n_test} held-out CIFAR-10 test images; tier `{tier.get('name')}` "
+        f"({tier.get('about')}); seed {results['config']['seed']}; eclipse-transforms {results['version']}. "
+        "`mean` averages the poison columns (not clean).\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def write_table(results: dict[str, Any], path: Path) -> None:
+    _atomic_write(Path(path), format_table(results).encode())
+
+
+def write_chart(results: dict[str, Any], path: Path) -> bool:
+    """Grouped bars (one group per column, one bar per defense) as a PNG. Returns False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed, so no chart was drawn: pip install 'eclipse-transforms[bench]'")
+        return False
+    grid = accuracy_grid(results)
+    columns = [*results["columns"], "mean"]
+    width = 0.8 / max(len(grid), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(columns) + 2), 4))
+    for i, (defense, row) in enumerate(grid.items()):
+        xs = [j + (i - (len(grid) - 1) / 2) * width for j in range(len(columns))]
+        ax.bar(xs, [row[c] or 0.0 for c in columns], width, label=defense)
+    ax.set_xticks(range(len(columns)), [c.upper() if c not in ("clean", "mean") else c for c in columns])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"eclipse-transforms bench, tier {results['tier']['name']}")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=min(3, len(grid)), loc="upper right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    _atomic_write(Path(path), buf.getvalue())
+    return True

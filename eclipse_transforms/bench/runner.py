@@ -1,0 +1,305 @@
+"""The bench runner: poisons × defenses on one tier, every cell cached, resumable, and written as it finishes.
+
+Layout of ``output_dir``::
+
+    bench_config.json        # the resolved BenchConfig of the last run
+    cells/<poison>__<defense>.json
+    results.json             # every cell of this config, with its config, seed, timings and library version
+    table.md                 # rows = defenses, columns = clean, poisons, mean over poisons
+    chart.png                # grouped bars, one group per column (needs matplotlib)
+
+Poisoned training sets are cached in ``<cache_dir>/poisoned`` (one safetensors file each, written atomically) and
+purified sets through :class:`~eclipse_transforms.PurifiedDataset`, so a re-run only trains cells that are missing
+and an interrupted run resumes where it stopped (a cell is written only when its training finished).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from .._cache import _atomic_write
+from .._data import load_image_set, load_indices
+from .._version import __version__
+from ..dataset import default_cache_dir
+from ..denoiser import bundled_weights_path
+from .classifier import Recipe, train_classifier
+from .defenses import DefenseContext, get_defense, list_defenses
+from .poisons import get_poison, list_poisons
+from .report import write_chart, write_table
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BenchConfig", "TIERS", "run_bench"]
+
+CLEAN = "clean"
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A training budget: how many training images (class-balanced subset; None = all) and the recipe."""
+
+    subset: int | None
+    recipe: Recipe
+    about: str
+
+
+TIERS: dict[str, Tier] = {
+    "quick": Tier(
+        10_000,
+        Recipe(model="compact", widths=(32, 64, 128), epochs=15),
+        "class-balanced 10,000-image subset, 0.30 M-parameter compact CNN, 15 epochs (~70 s per cell on 2 cores)",
+    ),
+    "standard": Tier(
+        None,
+        Recipe(model="compact", widths=(32, 64, 128), epochs=15),
+        "all 50,000 training images, 0.30 M-parameter compact CNN, 15 epochs",
+    ),
+    "paper": Tier(
+        None,
+        Recipe(model="resnet18", epochs=80, batch_size=128, lr=0.1, warmup=0.0, label_smoothing=0.0, tta=False),
+        "the paper's protocol: ResNet-18, 80 epochs, SGD lr 0.1 (meant for a GPU)",
+    ),
+}
+
+DEFAULT_POISONS = ("urp", "lsp", "ar", "ops", "cuda")
+DEFAULT_DEFENSES = ("none", "iss-gray", "iss-jpeg", "eclipse", "purify-only", "compensation-only")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One bench run. Every cell of a table shares the tier's recipe and seed and differs only in its defense."""
+
+    data: str = field(metadata={"help": "CIFAR-10 as an .npz (x_train/y_train/x_test/y_test) or a torchvision root"})
+    poisons: tuple[str, ...] = field(default=DEFAULT_POISONS, metadata={"help": "comma-separated poisons"})
+    defenses: tuple[str, ...] = field(default=DEFAULT_DEFENSES, metadata={"help": "comma-separated defenses"})
+    tier: str = field(default="quick", metadata={"help": "quick | standard | paper"})
+    output_dir: str = field(default="bench-results", metadata={"help": "where cells, results, table, chart go"})
+    cache_dir: str | None = field(default=None, metadata={"help": "cache of poisoned and purified sets"})
+    weights: str | None = field(default=None, metadata={"help": "denoiser folder or Hub id (default: bundled)"})
+    exclude_test: str | None = field(
+        default=None,
+        metadata={
+            "help": "indices of test images left out of the test set (default: the bundled denoiser's sparse set)"
+        },
+    )
+    clean: bool = field(default=True, metadata={"help": "also train every defense on clean data"})
+    subset: int | None = field(default=None, metadata={"help": "override the tier's training-set size (0: all)"})
+    epochs: int | None = field(default=None, metadata={"help": "override the tier's epochs"})
+    widths: tuple[int, ...] | None = field(default=None, metadata={"help": "override the compact net's widths"})
+    t_star: int = field(default=100, metadata={"help": "ECLIPSE's diffusion timestep"})
+    seed: int = field(default=0, metadata={"help": "seed of subset, poisons, purification and training"})
+    device: str = field(default="cpu", metadata={"help": "'cpu' or 'cuda' for purification and training"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def __post_init__(self) -> None:
+        for name, known in (("poisons", list_poisons()), ("defenses", list_defenses())):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            object.__setattr__(self, name, tuple(v.lower() for v in value))
+            unknown = [v for v in getattr(self, name) if v not in known]
+            if unknown:
+                raise ValueError(f"{name}: unknown {unknown}; available: {', '.join(known)}.")
+        if not self.defenses:
+            raise ValueError("defenses is empty; name at least one, e.g. 'none,eclipse'.")
+        if self.tier not in TIERS:
+            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {self.tier!r}.")
+        if self.widths is not None:
+            object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+
+    def recipe(self) -> Recipe:
+        recipe = TIERS[self.tier].recipe
+        changes: dict[str, Any] = {}
+        if self.epochs is not None:
+            changes["epochs"] = self.epochs
+        if self.widths is not None:
+            changes["widths"] = self.widths
+        return dataclasses.replace(recipe, **changes)
+
+    def subset_size(self) -> int | None:
+        n = TIERS[self.tier].subset if self.subset is None else self.subset
+        return n or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - names:
+            raise ValueError(f"unknown BenchConfig keys {sorted(set(d) - names)}; known: {sorted(names)}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.numpy().tobytes() if isinstance(p, torch.Tensor) else json.dumps(p, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
+    """Sorted indices of ``size`` images, ``size / num_classes`` per class, drawn with numpy ``default_rng(seed)``."""
+    if size is None or size >= len(labels):
+        return torch.arange(len(labels))
+    y = labels.numpy()
+    classes = np.unique(y)
+    per_class = size // len(classes)
+    if per_class < 1:
+        raise ValueError(f"subset={size} is smaller than the number of classes ({len(classes)}).")
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(y == c), min(per_class, int((y == c).sum())), replace=False) for c in classes]
+    return torch.from_numpy(np.sort(np.concatenate(picked)))
+
+
+class _Run:
+    def __init__(self, config: BenchConfig) -> None:
+        self.config = config
+        self.out = Path(config.output_dir).expanduser()
+        self.cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir() / "bench"
+        self.recipe = config.recipe()
+        train = load_image_set(config.data, split="train")
+        test = load_image_set(config.data, split="test")
+        idx = balanced_subset(train.labels, config.subset_size(), config.seed)
+        self.images, self.labels = train.images[idx].contiguous(), train.labels[idx].contiguous()
+        exclude_file = config.exclude_test
+        if exclude_file is None and config.weights is None and bundled_weights_path() is not None:
+            exclude_file = str(bundled_weights_path().parent / "cifar10_sparse_indices.json")
+        exclude = load_indices(exclude_file) if exclude_file else []
+        keep = torch.from_numpy(np.setdiff1d(np.arange(len(test.labels)), np.asarray(exclude, dtype=np.int64)))
+        self.test_images, self.test_labels = test.images[keep].contiguous(), test.labels[keep].contiguous()
+        self.data_key = _digest(self.images, self.labels, self.test_images, self.test_labels)
+        self.context = DefenseContext(
+            weights=config.weights,
+            cache_dir=str(self.cache / "purified"),
+            t_star=config.t_star,
+            seed=config.seed,
+            device=config.device,
+            progress=config.progress,
+        )
+        self.test_info = {"test_images": len(keep), "excluded_test_images": len(exclude), "exclude_file": exclude_file}
+
+    def poisoned(self, poison: str) -> tuple[torch.Tensor, float]:
+        if poison == CLEAN:
+            return self.images, 0.0
+        key = _digest(poison, self.config.seed, __version__, self.images, self.labels)
+        path = self.cache / "poisoned" / f"{poison}-{key}.safetensors"
+        if path.is_file():
+            try:
+                return load_file(path)["images"], 0.0
+            except Exception as e:  # a damaged file is regenerated, never trusted
+                logger.warning("poisoned set %s is unreadable (%s); regenerating it", path, e)
+        start = time.perf_counter()
+        images = get_poison(poison)(self.images, self.labels, seed=self.config.seed)
+        seconds = time.perf_counter() - start
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, save({"images": images.contiguous()}, metadata={"poison": poison, "version": __version__}))
+        return images, seconds
+
+    def cell_path(self, poison: str, defense: str) -> Path:
+        return self.out / "cells" / f"{poison}__{defense}.json"
+
+    def cell_key(self, poison: str, defense_options: dict[str, Any], defense: str) -> str:
+        return _digest(self.data_key, poison, defense, defense_options, self.recipe.to_dict(), self.config.seed)
+
+    def run_cell(self, poison: str, defense_name: str) -> dict[str, Any]:
+        defense = get_defense(defense_name, self.context)
+        key = self.cell_key(poison, defense.options, defense_name)
+        path = self.cell_path(poison, defense_name)
+        if path.is_file():
+            try:
+                cell = json.loads(path.read_text())
+                if cell.get("key") == key:
+                    return cell
+                logger.info("cell %s was run with other settings; re-running it", path.name)
+            except json.JSONDecodeError:
+                logger.warning("cell %s is unreadable; re-running it", path)
+        images, poison_seconds = self.poisoned(poison)
+        start = time.perf_counter()
+        if defense.prepare is not None:
+            images = defense.prepare(images, self.labels)
+        prepare_seconds = time.perf_counter() - start
+        recipe = self.recipe
+        if defense.adversarial_epsilon:
+            recipe = dataclasses.replace(recipe, adversarial_epsilon=defense.adversarial_epsilon)
+        result = train_classifier(
+            images,
+            self.labels,
+            self.test_images,
+            self.test_labels,
+            recipe,
+            epoch_transform=defense.epoch_transform,
+            seed=self.config.seed,
+            progress=self.config.progress,
+            desc=f"{poison}/{defense_name}",
+            device=self.config.device,
+        )
+        cell = {
+            "poison": poison,
+            "defense": defense_name,
+            "test_accuracy": result["test_accuracy"],
+            "train_accuracy": result["train_accuracy"],
+            "key": key,
+            "tier": self.config.tier,
+            "recipe": recipe.to_dict(),
+            "defense_options": defense.options,
+            "seed": self.config.seed,
+            "train_images": len(self.labels),
+            **self.test_info,
+            "seconds": {
+                "poison": poison_seconds,
+                "defense_prepare": prepare_seconds,
+                "train": result["train_seconds"],
+            },
+            "train_images_per_second": result["images_per_second"],
+            "parameters": result["parameters"],
+            "version": __version__,
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {self.config.device}",
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, (json.dumps(cell, indent=2) + "\n").encode())
+        logger.info("%s / %s: test accuracy %.4f", poison, defense_name, cell["test_accuracy"])
+        return cell
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Run (or resume) every cell of ``config`` and write results.json, table.md and chart.png.
+
+    Returns:
+        the results dictionary written to ``results.json``.
+    """
+    run = _Run(config)
+    run.out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run.out / "bench_config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+    columns = ([CLEAN] if config.clean else []) + list(config.poisons)
+    cells = []
+    for poison in columns:
+        for defense in config.defenses:
+            cells.append(run.run_cell(poison, defense))
+            results = {
+                "config": config.to_dict(),
+                "tier": {"name": config.tier, "about": TIERS[config.tier].about},
+                "recipe": run.recipe.to_dict(),
+                "columns": columns,
+                "defenses": list(config.defenses),
+                "cells": cells,
+                "version": __version__,
+            }
+            _atomic_write(run.out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+            write_table(results, run.out / "table.md")
+    write_chart(results, run.out / "chart.png")
+    return results

@@ -1,0 +1,192 @@
+"""The bench: classifier recipe pieces, defenses, the runner end to end on a tiny synthetic set, the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import io
+
+from PIL import Image
+from torchvision.transforms import v2
+
+from eclipse_transforms.bench import classifier, runner
+from eclipse_transforms.bench.classifier import Recipe, random_crop_flip, train_classifier
+from eclipse_transforms.bench.defenses import DefenseContext, get_defense, grayscale, jpeg, list_defenses
+from eclipse_transforms.bench.report import accuracy_grid, format_table
+from eclipse_transforms.bench.runner import BenchConfig, balanced_subset, run_bench
+
+
+def test_random_crop_flip_is_a_crop_of_the_padded_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 8, 6, generator=g)
+    out = random_crop_flip(x, padding=2, flip=True, generator=torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(16):
+        crops = [padded[i, :, dy : dy + 8, dx : dx + 6] for dy in range(5) for dx in range(5)]
+        crops += [c.flip(-1) for c in crops]
+        assert any(torch.equal(out[i], c) for c in crops)
+    again = random_crop_flip(x, padding=2, flip=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    assert torch.equal(random_crop_flip(x, padding=0, flip=False, generator=g), x)
+
+
+def test_defense_registry_and_errors():
+    assert {"none", "iss-gray", "iss-jpeg", "eclipse", "purify-only", "compensation-only"} <= set(list_defenses())
+    with pytest.raises(ValueError, match="unknown defense 'blur'; available: "):
+        get_defense("blur")
+
+
+def test_iss_defenses_match_torchvision():
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(grayscale(x), v2.Grayscale(3)(x))
+    expected = []
+    for img in x:
+        buf = io.BytesIO()
+        v2.functional.to_pil_image(img).save(buf, format="JPEG", quality=10)
+        expected.append(v2.functional.pil_to_tensor(Image.open(buf)))
+    expected = torch.stack(expected)
+    assert (expected.float() - x.float()).abs().mean() > 5  # quality 10 changes the image
+    assert torch.equal(jpeg(x, 10), expected)
+    assert torch.equal(get_defense("iss-jpeg").prepare(x, None), expected)
+    with pytest.raises(ValueError, match="quality must be in"):
+        jpeg(x, 0)
+
+
+def test_compensation_defense_is_seeded_and_bounded():
+    d = get_defense("compensation-only")
+    x = (0.2 + 0.6 * torch.rand(64, 1, 8, 8)).expand(-1, 3, -1, -1)  # already gray, away from the clamp
+    a = d.epoch_transform(x, torch.Generator().manual_seed(3))
+    b = d.epoch_transform(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    assert (a - x).std() == pytest.approx(0.05, rel=0.1)
+
+
+def test_balanced_subset():
+    labels = torch.arange(100) % 4
+    idx = balanced_subset(labels, 20, seed=0)
+    assert len(idx) == 20 and torch.equal(torch.bincount(labels[idx]), torch.full((4,), 5))
+    assert torch.equal(idx, balanced_subset(labels, 20, seed=0)) and torch.equal(idx, idx.sort().values)
+    assert len(balanced_subset(labels, None, seed=0)) == 100
+    with pytest.raises(ValueError, match="subset=2 is smaller"):
+        balanced_subset(labels, 2, seed=0)
+
+
+def test_train_classifier_learns_a_separable_toy_problem():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(120) % 2
+    images = torch.randint(0, 100, (120, 3, 16, 16), generator=g, dtype=torch.uint8)
+    images[labels == 1] += 120  # class 1 is bright
+    recipe = Recipe(widths=(8, 8, 8), epochs=10, batch_size=16, crop_padding=2)
+    a = train_classifier(images[:80], labels[:80], images[80:], labels[80:], recipe, progress=False)
+    b = train_classifier(images[:80], labels[:80], images[80:], labels[80:], recipe, progress=False)
+    assert a["test_accuracy"] > 0.9
+    assert a["test_accuracy"] == b["test_accuracy"]  # seeded end to end
+
+
+def test_recipe_and_config_validation():
+    with pytest.raises(ValueError, match="recipe epochs must be >= 1"):
+        Recipe(epochs=0)
+    with pytest.raises(ValueError, match="poisons: unknown \\['em'\\]"):
+        BenchConfig(data="x", poisons="em")
+    with pytest.raises(ValueError, match="tier must be one of quick, standard, paper"):
+        BenchConfig(data="x", tier="huge")
+    config = BenchConfig(data="x", poisons="LSP, ar", defenses=("none",), epochs=2)
+    assert config.poisons == ("lsp", "ar") and config.recipe().epochs == 2
+    assert BenchConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.fixture()
+def toy_cifar(tmp_path):
+    """A 32x32 three-class stand-in for CIFAR-10: class = which channel is bright."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = np.arange(n) % 3
+        x = rng.integers(0, 90, (n, 32, 32, 3), dtype=np.uint8)
+        x[np.arange(n), :, :, y] += 120
+        return x, y.astype(np.int64)
+
+    (xtr, ytr), (xte, yte) = split(36), split(12)
+    path = tmp_path / "toy.npz"
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return path
+
+
+def test_runner_end_to_end_and_resume(toy_cifar, tiny_folder, tmp_path, monkeypatch):
+    config = BenchConfig(
+        data=str(toy_cifar),
+        poisons=("urp", "ops"),
+        defenses=("none", "iss-jpeg", "eclipse", "purify-only", "compensation-only"),
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        weights=str(tiny_folder),
+        subset=0,
+        epochs=1,
+        widths=(8, 8, 8),
+        t_star=20,
+        progress=False,
+    )
+    results = run_bench(config)
+    out = tmp_path / "out"
+    assert len(results["cells"]) == 3 * 5
+    assert {(c["poison"], c["defense"]) for c in results["cells"]} == {
+        (p, d) for p in ("clean", "urp", "ops") for d in config.defenses
+    }
+    for cell in results["cells"]:
+        assert 0 <= cell["test_accuracy"] <= 1 and cell["test_images"] == 12 and cell["train_images"] == 36
+        assert cell["recipe"]["epochs"] == 1 and cell["version"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["cells"] == results["cells"]
+    table = (out / "table.md").read_text()
+    assert table.startswith("| defense | clean | URP | OPS | mean |") and "| purify-only |" in table
+    pytest.importorskip("matplotlib")
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((tmp_path / "cache" / "poisoned").glob("*.safetensors"))) == 2
+    assert (tmp_path / "cache" / "purified").is_dir()
+
+    # A re-run trains nothing; a damaged cell and a changed recipe retrain just what they touch.
+    calls = []
+    real = classifier.train_classifier
+    monkeypatch.setattr(runner, "train_classifier", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
+    assert run_bench(config)["cells"] == results["cells"]
+    assert calls == []
+    (out / "cells" / "ops__none.json").write_text("{not json")
+    run_bench(config)
+    assert calls == ["ops/none"]
+    run_bench(BenchConfig.from_dict({**config.to_dict(), "defenses": ["none"], "epochs": 2}))
+    assert calls[1:] == ["clean/none", "urp/none", "ops/none"]
+
+
+def test_report_with_missing_cells():
+    results = {
+        "columns": ["clean", "lsp", "ar"],
+        "defenses": ["none", "eclipse"],
+        "cells": [
+            {"poison": "clean", "defense": "none", "test_accuracy": 0.9, "test_images": 8000},
+            {"poison": "lsp", "defense": "none", "test_accuracy": 0.2, "test_images": 8000},
+            {"poison": "ar", "defense": "none", "test_accuracy": 0.4, "test_images": 8000},
+            {"poison": "lsp", "defense": "eclipse", "test_accuracy": 0.8, "test_images": 8000},
+        ],
+        "config": {"seed": 0},
+        "tier": {"name": "quick", "about": "toy"},
+        "version": "0",
+    }
+    grid = accuracy_grid(results)
+    assert grid["none"]["mean"] == pytest.approx(30.0) and grid["eclipse"]["mean"] is None
+    table = format_table(results)
+    assert "| none | 90.0 | 20.0 | 40.0 | 30.0 |" in table
+    assert "| eclipse | — | 80.0 | — | — |" in table
+
+
+def test_cli_bench_help():
+    from eclipse_transforms.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--data", "d.npz", "--poisons", "lsp", "--widths", "8", "8", "8"])
+    assert args.poisons == "lsp" and args.widths == [8, 8, 8] and args.tier == "quick"
+
+
+def test_defense_context_defaults():
+    assert DefenseContext().t_star == 100 and DefenseContext().weights is None
