@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
-import io
-
 from PIL import Image
 from torchvision.transforms import v2
 
