@@ -88,8 +88,8 @@ def test_train_classifier_learns_a_separable_toy_problem():
 def test_recipe_and_config_validation():
     with pytest.raises(ValueError, match="recipe epochs must be >= 1"):
         Recipe(epochs=0)
-    with pytest.raises(ValueError, match="poisons: unknown \\['em'\\]"):
-        BenchConfig(data="x", poisons="em")
+    with pytest.raises(ValueError, match="poisons: unknown \\['xyz'\\]"):
+        BenchConfig(data="x", poisons="xyz")
     with pytest.raises(ValueError, match="tier must be one of quick, standard, paper"):
         BenchConfig(data="x", tier="huge")
     config = BenchConfig(data="x", poisons="LSP, ar", defenses=("none",), epochs=2)
@@ -189,3 +189,14 @@ def test_cli_bench_help():
 
 def test_defense_context_defaults():
     assert DefenseContext().t_star == 100 and DefenseContext().weights is None
+
+
+def test_pgd_stays_in_the_ball_and_raises_the_loss():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    x, y = torch.rand(8, 3, 4, 4), torch.arange(8) % 3
+    adv = classifier._pgd(model, x, y, 8 / 255, 5, torch.Generator().manual_seed(0))
+    assert (adv - x).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    loss = torch.nn.functional.cross_entropy
+    assert loss(model(adv), y) > loss(model(x), y)
+    assert get_defense("adv-training").adversarial_epsilon == pytest.approx(8 / 255)

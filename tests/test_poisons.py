@@ -15,10 +15,10 @@ def data():
 
 
 def test_registry():
-    assert list_poisons() == ["ar", "cuda", "lsp", "ops", "urp"]
+    assert list_poisons() == ["ar", "cuda", "em", "lsp", "ops", "urp"]
     assert get_poison("URP") is urp
-    with pytest.raises(ValueError, match="unknown poison 'em'; available: ar, cuda, lsp, ops, urp"):
-        get_poison("em")
+    with pytest.raises(ValueError, match="unknown poison 'xyz'; available: ar, cuda, em, lsp, ops, urp"):
+        get_poison("xyz")
     with pytest.raises(ValueError, match="already registered"):
         register_poison("urp")(urp)
 

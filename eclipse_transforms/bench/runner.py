@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import platform
@@ -191,22 +192,33 @@ class _Run:
         )
         self.test_info = {"test_images": len(keep), "excluded_test_images": len(exclude), "exclude_file": exclude_file}
 
-    def poisoned(self, poison: str) -> tuple[torch.Tensor, float]:
+    def poisoned(self, poison: str) -> tuple[torch.Tensor, float, dict[str, Any] | None]:
+        """The poisoned training set (cached), the seconds it took now (0 if cached) and the crafting report."""
         if poison == CLEAN:
-            return self.images, 0.0
+            return self.images, 0.0, None
         key = _digest(poison, self.config.seed, __version__, self.images, self.labels)
         path = self.cache / "poisoned" / f"{poison}-{key}.safetensors"
+        report_path = path.with_suffix(".work") / "report.json"
+        report = json.loads(report_path.read_text()) if report_path.is_file() else None
         if path.is_file():
             try:
-                return load_file(path)["images"], 0.0
+                return load_file(path)["images"], 0.0, report
             except Exception as e:  # a damaged file is regenerated, never trusted
                 logger.warning("poisoned set %s is unreadable (%s); regenerating it", path, e)
+        fn = get_poison(poison)
+        options: dict[str, Any] = {}
+        accepted = inspect.signature(fn).parameters
+        if "work_dir" in accepted:  # model-based poisons checkpoint their crafting and resume from it
+            options["work_dir"] = path.with_suffix(".work")
+        if "progress" in accepted:
+            options["progress"] = self.config.progress
         start = time.perf_counter()
-        images = get_poison(poison)(self.images, self.labels, seed=self.config.seed)
+        images = fn(self.images, self.labels, seed=self.config.seed, **options)
         seconds = time.perf_counter() - start
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, save({"images": images.contiguous()}, metadata={"poison": poison, "version": __version__}))
-        return images, seconds
+        report = json.loads(report_path.read_text()) if report_path.is_file() else None
+        return images, seconds, report
 
     def cell_path(self, poison: str, defense: str) -> Path:
         return self.out / "cells" / f"{poison}__{defense}.json"
@@ -226,7 +238,7 @@ class _Run:
                 logger.info("cell %s was run with other settings; re-running it", path.name)
             except json.JSONDecodeError:
                 logger.warning("cell %s is unreadable; re-running it", path)
-        images, poison_seconds = self.poisoned(poison)
+        images, poison_seconds, poison_report = self.poisoned(poison)
         start = time.perf_counter()
         if defense.prepare is not None:
             images = defense.prepare(images, self.labels)
@@ -255,6 +267,7 @@ class _Run:
             "tier": self.config.tier,
             "recipe": recipe.to_dict(),
             "defense_options": defense.options,
+            "poison_report": poison_report,
             "seed": self.config.seed,
             "train_images": len(self.labels),
             **self.test_info,

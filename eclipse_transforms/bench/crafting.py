@@ -1,0 +1,134 @@
+"""Shared machinery of the model-based poisons: resumable state, the surrogate, batched signed-gradient steps.
+
+A crafting run keeps everything in one checkpoint (``<work_dir>/state.pt``, written atomically with
+``torch.save`` and read with ``weights_only=True``): the perturbation, the surrogate and its optimizer, the
+position of the data stream and the round counter. All randomness is drawn from generators seeded by
+``(seed, purpose, round, ...)``, so a run resumed from any checkpoint ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as nnf
+
+from .._cache import _atomic_write
+from .._images import derive_seed
+from .models import build_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CraftState", "fingerprint", "surrogate", "sgd", "train_batches", "perturbed", "accuracy"]
+
+
+class CraftState:
+    """A checkpoint folder for one crafting run; ``meta`` (the settings) must match to resume."""
+
+    def __init__(self, work_dir: str | os.PathLike | None, meta: dict[str, Any]) -> None:
+        self.path = Path(work_dir).expanduser() / "state.pt" if work_dir is not None else None
+        self.meta = meta
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, weights_only=True, map_location="cpu")
+        except Exception as e:  # a damaged checkpoint restarts the run, never corrupts it
+            logger.warning("crafting checkpoint %s is unreadable (%s); starting over", self.path, e)
+            return None
+        if state.get("meta") != self.meta:
+            logger.warning("crafting checkpoint %s was made with other settings; starting over", self.path)
+            return None
+        return state
+
+    def report(self, report: dict[str, Any]) -> None:
+        """Write ``report.json`` (what the run did: rounds, convergence, settings) beside the checkpoint."""
+        if self.path is not None:
+            _atomic_write(self.path.parent / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save({**state, "meta": self.meta}, buf)
+        _atomic_write(self.path, buf.getvalue())
+
+
+def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A short hash of a training set, part of every crafting checkpoint's settings."""
+    return hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:20]
+
+
+def surrogate(widths: tuple[int, ...], num_classes: int, seed: int) -> torch.nn.Module:
+    """The bench's compact classifier as the crafting surrogate (so poisons hit the bench at full strength)."""
+    torch.manual_seed(derive_seed("surrogate", seed))
+    return build_model("compact", widths, num_classes)
+
+
+def sgd(model: torch.nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def perturbed(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``clamp(x + δ, 0, 1)`` for uint8 ``images`` and float ``δ``, in ``channels_last``."""
+    return (images.float() / 255 + delta).clamp_(0, 1).contiguous(memory_format=torch.channels_last)
+
+
+def train_batches(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    delta: torch.Tensor,
+    cursor: dict[str, int],
+    num_batches: int,
+    batch_size: int,
+    seed: int,
+) -> float:
+    """``num_batches`` SGD steps on ``x + δ`` from a data stream (epoch order seeded by ``(seed, epoch)``).
+
+    ``cursor`` (``{"epoch", "offset"}``) is advanced in place and belongs in the checkpoint. Returns the mean loss.
+    """
+    model.train()
+    total = 0.0
+    for _ in range(num_batches):
+        if cursor["offset"] >= len(images):
+            cursor["epoch"], cursor["offset"] = cursor["epoch"] + 1, 0
+        order = torch.randperm(
+            len(images), generator=torch.Generator().manual_seed(derive_seed(seed, cursor["epoch"]))
+        )
+        idx = order[cursor["offset"] : cursor["offset"] + batch_size]
+        cursor["offset"] += batch_size
+        loss = nnf.cross_entropy(model(perturbed(images[idx], delta[idx])), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item()
+    return total / max(num_batches, 1)
+
+
+@torch.inference_mode()
+def accuracy(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, batch_size: int = 1000
+) -> float:
+    """Accuracy of ``model`` (eval mode) on ``x + δ``."""
+    model.eval()
+    hits = 0
+    for s in range(0, len(images), batch_size):
+        hits += (
+            (
+                model(perturbed(images[s : s + batch_size], delta[s : s + batch_size])).argmax(1)
+                == labels[s : s + batch_size]
+            )
+            .sum()
+            .item()
+        )
+    return hits / len(images)
