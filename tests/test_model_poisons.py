@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from eclipse_transforms.bench import em as em_module
+from eclipse_transforms.bench import tap as tap_module
 from eclipse_transforms.bench.em import EMConfig, em
 from eclipse_transforms.bench.poisons import get_poison
+from eclipse_transforms.bench.tap import TAPConfig, tap
 
 TINY = EMConfig(pgd_steps=2, train_batches=2, max_rounds=3, batch_size=16, widths=(8, 8, 8), stop_accuracy=1.1)
 
@@ -70,3 +72,46 @@ def test_em_resume_after_interruption_equals_uninterrupted(data, tmp_path, monke
     # A damaged checkpoint is not trusted: the run starts over and still gives the same poison.
     (tmp_path / "state.pt").write_bytes(b"garbage")
     assert torch.equal(em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path), expected)
+
+
+TAP_TINY = TAPConfig(iterations=3, restarts=2, batch_size=8, shard_size=16, surrogate_epochs=1, widths=(8, 8, 8))
+
+
+def test_tap_budget_determinism_target_and_resume(data, tmp_path, monkeypatch):
+    images, labels = data
+    out = tap(images, labels, seed=0, config=TAP_TINY, progress=False, work_dir=tmp_path)
+    change = (out.int() - images.int()).abs()
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert change.max() <= 8 and change.float().mean() > 1
+    assert torch.equal(out, tap(images, labels, seed=0, config=TAP_TINY, progress=False))
+    assert len(list((tmp_path / "shards").glob("shard-*.safetensors"))) == 3
+    assert json.loads((tmp_path / "report.json").read_text())["target"] == "(y + 1) mod K"
+    # Interrupted in the third shard: the first two are reused, the result is the same.
+    real, calls = tap_module._attack, []
+
+    def crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # shard 3, first batch, first restart
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(tap_module, "_attack", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tap(images, labels, seed=0, config=TAP_TINY, progress=False, work_dir=fresh)
+    assert len(list((fresh / "shards").glob("shard-*.safetensors"))) == 2
+    calls.clear()
+    monkeypatch.setattr(tap_module, "_attack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(tap(images, labels, seed=0, config=TAP_TINY, progress=False, work_dir=fresh), out)
+    assert len(calls) == 2 * 1  # only the last shard's one batch of 8, two restarts
+
+
+def test_tap_moves_the_surrogate_toward_the_target(data):
+    images, labels = data
+    config = TAPConfig(iterations=10, batch_size=40, shard_size=40, surrogate_epochs=2, widths=(8, 8, 8), translate=0)
+    out = tap(images, labels, config=config, progress=False)
+    model = tap_module._surrogate(images, labels, config, 0, 4, None, False).eval()
+    with torch.no_grad():
+        target = (labels + 1) % 4
+        loss = torch.nn.functional.cross_entropy
+        assert loss(model(out.float() / 255), target) < loss(model(images.float() / 255), target)

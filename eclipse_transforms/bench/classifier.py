@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .._images import derive_seed
 from .models import build_model
 
-__all__ = ["Recipe", "train_classifier", "evaluate", "random_crop_flip"]
+__all__ = ["Recipe", "fit_classifier", "train_classifier", "evaluate", "random_crop_flip"]
 
 EpochTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -127,40 +127,41 @@ def evaluate(
     return hits / len(images)
 
 
-def train_classifier(
+def fit_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
-    test_images: torch.Tensor,
-    test_labels: torch.Tensor,
     recipe: Recipe = Recipe(),
     *,
+    num_classes: int | None = None,
     epoch_transform: EpochTransform | None = None,
     seed: int = 0,
     progress: bool = True,
     desc: str = "train",
     device: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """Train ``recipe``'s classifier on uint8 ``images`` and report its accuracy on ``test_images``.
+    on_epoch: Callable[[int, torch.nn.Module], None] | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train ``recipe``'s classifier on uint8 ``images``; the model and its training statistics.
 
     Args:
         images: uint8 ``(N, 3, H, W)`` training images (already poisoned and/or defended).
         labels: int64 ``(N,)``.
-        test_images: uint8 ``(M, 3, H, W)`` clean test images; test_labels: ``(M,)``.
         recipe: the training recipe.
+        num_classes: outputs of the network (default: ``labels.max() + 1``).
         epoch_transform: ``f(x, generator)`` applied to every float training batch in ``[0, 1]`` before the
             augmentation, freshly each epoch (e.g. ECLIPSE's compensation).
         seed: seed of the initialisation, data order, augmentation and epoch transform.
         progress: show a tqdm bar.
         desc: label of the progress bar.
         device: where the network trains; batches are built on the CPU and moved there.
+        on_epoch: called as ``on_epoch(epoch, model)`` after every epoch (e.g. to keep checkpoints).
 
     Returns:
-        ``{"test_accuracy", "train_accuracy", "train_seconds", "images_per_second", "parameters"}``.
+        ``(model, {"train_accuracy", "train_seconds", "images_per_second", "parameters"})``.
     """
-    if images.dtype != torch.uint8 or test_images.dtype != torch.uint8:
-        raise TypeError("images and test_images must be uint8 tensors (N, 3, H, W).")
-    labels, test_labels = labels.long(), test_labels.long()
-    num_classes = int(max(labels.max(), test_labels.max())) + 1
+    if images.dtype != torch.uint8:
+        raise TypeError("images must be a uint8 tensor (N, 3, H, W).")
+    labels = labels.long()
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     torch.manual_seed(seed)
     model = build_model(recipe.model, recipe.widths, num_classes).to(device)
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -204,12 +205,53 @@ def train_classifier(
             seen += len(y)
             bar.update()
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch, model)
     bar.close()
     seconds = time.perf_counter() - start
-    return {
-        "test_accuracy": evaluate(model, test_images, test_labels, tta=recipe.tta, device=device),
+    return model, {
         "train_accuracy": correct / max(seen, 1),
         "train_seconds": seconds,
         "images_per_second": recipe.epochs * len(images) / seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    recipe: Recipe = Recipe(),
+    *,
+    epoch_transform: EpochTransform | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Train ``recipe``'s classifier on uint8 ``images`` (see :func:`fit_classifier`) and test it.
+
+    Args:
+        test_images: uint8 ``(M, 3, H, W)`` clean test images; test_labels: ``(M,)``.
+        the rest: as for :func:`fit_classifier`.
+
+    Returns:
+        ``{"test_accuracy", "train_accuracy", "train_seconds", "images_per_second", "parameters"}``.
+    """
+    if test_images.dtype != torch.uint8:
+        raise TypeError("test_images must be a uint8 tensor (N, 3, H, W).")
+    test_labels = test_labels.long()
+    num_classes = int(max(labels.max(), test_labels.max())) + 1
+    model, stats = fit_classifier(
+        images,
+        labels,
+        recipe,
+        num_classes=num_classes,
+        epoch_transform=epoch_transform,
+        seed=seed,
+        progress=progress,
+        desc=desc,
+        device=device,
+    )
+    return {"test_accuracy": evaluate(model, test_images, test_labels, tta=recipe.tta, device=device), **stats}

@@ -25,7 +25,7 @@ from .models import build_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CraftState", "fingerprint", "surrogate", "sgd", "train_batches", "perturbed", "accuracy"]
+__all__ = ["CraftState", "digest", "fingerprint", "surrogate", "sgd", "train_batches", "perturbed", "accuracy"]
 
 
 class CraftState:
@@ -60,6 +60,11 @@ class CraftState:
         buf = io.BytesIO()
         torch.save({**state, "meta": self.meta}, buf)
         _atomic_write(self.path, buf.getvalue())
+
+
+def digest(meta: dict[str, Any]) -> str:
+    """A short hash of JSON-able settings."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
