@@ -11,6 +11,7 @@ from eclipse_transforms.bench import em as em_module
 from eclipse_transforms.bench import tap as tap_module
 from eclipse_transforms.bench.em import EMConfig, em
 from eclipse_transforms.bench.poisons import get_poison
+from eclipse_transforms.bench.sep import SEPConfig, sep
 from eclipse_transforms.bench.tap import TAPConfig, tap
 
 TINY = EMConfig(pgd_steps=2, train_batches=2, max_rounds=3, batch_size=16, widths=(8, 8, 8), stop_accuracy=1.1)
@@ -115,3 +116,18 @@ def test_tap_moves_the_surrogate_toward_the_target(data):
         target = (labels + 1) % 4
         loss = torch.nn.functional.cross_entropy
         assert loss(model(out.float() / 255), target) < loss(model(images.float() / 255), target)
+
+
+def test_sep_budget_determinism_snapshots_and_resume(data, tmp_path):
+    images, labels = data
+    config = SEPConfig(iterations=3, checkpoints=2, surrogate_epochs=3, batch_size=8, shard_size=16, widths=(8, 8, 8))
+    out = sep(images, labels, config=config, progress=False, work_dir=tmp_path)
+    change = (out.int() - images.int()).abs()
+    assert out.dtype == torch.uint8 and change.max() <= 8 and change.float().mean() > 0.5
+    assert torch.equal(out, sep(images, labels, config=config, progress=False))
+    assert json.loads((tmp_path / "report.json").read_text())["snapshots"] == 2
+    # Resume: delete one shard; the rerun rebuilds it from the stored snapshots and matches.
+    (tmp_path / "shards" / "shard-00001.safetensors").unlink()
+    assert torch.equal(sep(images, labels, config=config, progress=False, work_dir=tmp_path), out)
+    with pytest.raises(ValueError, match="checkpoints=4 needs at least as many surrogate_epochs"):
+        sep(images, labels, config=SEPConfig(checkpoints=4, surrogate_epochs=2), progress=False)

@@ -15,9 +15,9 @@ def data():
 
 
 def test_registry():
-    assert list_poisons() == ["ar", "cuda", "em", "lsp", "ops", "tap", "urp"]
+    assert list_poisons() == ["ar", "cuda", "em", "lsp", "ops", "sep", "tap", "urp"]
     assert get_poison("URP") is urp
-    with pytest.raises(ValueError, match="unknown poison 'xyz'; available: ar, cuda, em, lsp, ops, tap, urp"):
+    with pytest.raises(ValueError, match="unknown poison 'xyz'; available: ar, cuda, em, lsp, ops, sep, tap, urp"):
         get_poison("xyz")
     with pytest.raises(ValueError, match="already registered"):
         register_poison("urp")(urp)

@@ -13,19 +13,31 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as nnf
+from tqdm.auto import tqdm
 
-from .._cache import _atomic_write
+from .._cache import ShardStore, _atomic_write
 from .._images import derive_seed
 from .models import build_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CraftState", "digest", "fingerprint", "surrogate", "sgd", "train_batches", "perturbed", "accuracy"]
+__all__ = [
+    "CraftState",
+    "craft_in_shards",
+    "digest",
+    "fingerprint",
+    "surrogate",
+    "sgd",
+    "train_batches",
+    "perturbed",
+    "accuracy",
+]
 
 
 class CraftState:
@@ -137,3 +149,45 @@ def accuracy(
             .item()
         )
     return hits / len(images)
+
+
+def craft_in_shards(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    attack: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    *,
+    root: Path | None,
+    meta: dict[str, Any],
+    shard_size: int,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> torch.Tensor:
+    """Per-image crafting (the surrogate is frozen), batch by batch, saved in checksummed shards under ``root``.
+
+    ``attack(x, y, start)`` gets float images ``x`` in ``[0, 1]``, their labels and the index of the batch's first
+    image (to seed its randomness) and returns the poisoned batch as uint8. Finished shards are reused by a later
+    call with the same ``meta``, so an interrupted run loses at most one shard.
+    """
+    store = None
+    if root is not None:
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        store = ShardStore(root / "shards", len(images), shard_size, meta)
+    out = torch.empty_like(images)
+    num_shards = -(-len(images) // shard_size)
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
+    for shard in range(num_shards):
+        lo, hi = shard * shard_size, min(len(images), (shard + 1) * shard_size)
+        if store is not None and store.is_valid(shard):
+            out[lo:hi] = store.read(shard)["images"]
+        else:
+            for s in range(lo, hi, batch_size):
+                e = min(hi, s + batch_size)
+                out[s:e] = attack(images[s:e].float() / 255, labels[s:e], s)
+                bar.update(e - s)
+            if store is not None:
+                store.write(shard, out[lo:hi].contiguous(), labels[lo:hi])
+            continue
+        bar.update(hi - lo)
+    bar.close()
+    return out

@@ -24,12 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as nnf
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from .._cache import ShardStore
 from .._images import derive_seed, quantize
 from .classifier import Recipe, fit_classifier, random_crop_flip
-from .crafting import CraftState, digest, fingerprint
+from .crafting import CraftState, craft_in_shards, digest, fingerprint
 from .poisons import _check, _num_classes, register_poison
 
 logger = logging.getLogger(__name__)
@@ -142,48 +140,46 @@ def tap(
     }
     root = Path(work_dir).expanduser() if work_dir is not None else None
     if root is not None:
-        (root / "shards").mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
     # The surrogate's file name carries the settings, so a changed config never reuses a stale surrogate.
     surrogate_path = root / f"surrogate-{digest(meta)}.safetensors" if root else None
     model = _surrogate(images, labels, config, seed, k, surrogate_path, progress)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    store = ShardStore(root / "shards", len(images), config.shard_size, meta) if root else None
-    out = torch.empty_like(images)
-    shards = range(-(-len(images) // config.shard_size))
-    bar = tqdm(total=len(images), desc="tap", unit="img", disable=not progress)
-    for shard in shards:
-        lo, hi = shard * config.shard_size, min(len(images), (shard + 1) * config.shard_size)
-        if store is not None and store.is_valid(shard):
-            out[lo:hi] = store.read(shard)["images"]
-            bar.update(hi - lo)
-            continue
-        for s in range(lo, hi, config.batch_size):
-            e = min(hi, s + config.batch_size)
-            x, target = images[s:e].float() / 255, (labels[s:e] + 1) % k
-            best_d, best_loss = None, None
-            for r in range(config.restarts):
-                g = torch.Generator().manual_seed(derive_seed("tap", seed, s, r))
-                d, loss = _attack(model, x, target, config, g)
-                if best_d is None:
-                    best_d, best_loss = d, loss
-                else:
-                    better = loss < best_loss
-                    best_d = torch.where(better.view(-1, 1, 1, 1), d, best_d)
-                    best_loss = torch.minimum(loss, best_loss)
-            out[s:e] = quantize((x + best_d).clamp(0, 1))
-            bar.update(e - s)
-        if store is not None:
-            store.write(shard, out[lo:hi].contiguous(), labels[lo:hi])
-    bar.close()
+
+    def attack(x: torch.Tensor, y: torch.Tensor, start: int) -> torch.Tensor:
+        target = (y + 1) % k
+        best_d, best_loss = None, None
+        for r in range(config.restarts):
+            d, loss = _attack(
+                model, x, target, config, torch.Generator().manual_seed(derive_seed("tap", seed, start, r))
+            )
+            if best_d is None:
+                best_d, best_loss = d, loss
+            else:
+                better = loss < best_loss
+                best_d = torch.where(better.view(-1, 1, 1, 1), d, best_d)
+                best_loss = torch.minimum(loss, best_loss)
+        return quantize((x + best_d).clamp(0, 1))
+
+    out = craft_in_shards(
+        images,
+        labels,
+        attack,
+        root=root,
+        meta=meta,
+        shard_size=config.shard_size,
+        batch_size=config.batch_size,
+        progress=progress,
+        desc="tap",
+    )
     if root is not None:
         CraftState(root, meta).report(
             {
                 "poison": "tap",
                 "config": config.to_dict(),
                 "seed": seed,
-                "shards": len(shards),
                 "target": "(y + 1) mod K",
             }
         )
