@@ -130,7 +130,6 @@ def diffuse(x: torch.Tensor, denoiser: Denoiser, t_star: int, *, generator: Gene
     return noisy / 2 + 0.5
 
 
-@torch.inference_mode()
 def denoise(
     noisy: torch.Tensor,
     denoiser: Denoiser,
@@ -138,6 +137,7 @@ def denoise(
     *,
     steps: int | None = None,
     generator: Generators = None,
+    differentiable: bool = False,
 ) -> torch.Tensor:
     """Reverse DDPM from ``x_{t*}`` to ``x_0`` with diffusers' ``DDPMScheduler.step`` (ancestral sampling).
 
@@ -148,10 +148,15 @@ def denoise(
         steps: ``None`` or ``t_star`` for the paper's sampler, fewer for a respaced schedule, 1 for the one-step
             ``x_0`` estimate (see :func:`sampling_timesteps`).
         generator: see the module docstring; draws one ``(C, H, W)`` noise per image and step, except the last.
+        differentiable: keep the autograd graph (for attacks that backpropagate through the purifier, e.g. the
+            bench's adaptive poison). Default: run under ``torch.inference_mode``.
 
     Returns:
         float32 images ``(N, C, H, W)`` in ``[0, 1]`` on ``noisy``'s device.
     """
+    if not differentiable:
+        with torch.inference_mode():
+            return denoise(noisy, denoiser, t_star, steps=steps, generator=generator, differentiable=True)
     t_star = check_t_star(t_star, denoiser)
     timesteps = sampling_timesteps(t_star, steps)
     check_images(noisy, denoiser, "noisy", check_range=False)
@@ -167,7 +172,7 @@ def denoise(
         eps = denoiser(sample, t.to(device))
         sample = scheduler.step(eps.float(), t, sample.float(), generator=generator).prev_sample
         sample = sample.to(denoiser.dtype)
-    return (sample.float() / 2 + 0.5).clamp_(0, 1).to(noisy.device)
+    return (sample.float() / 2 + 0.5).clamp(0, 1).to(noisy.device)
 
 
 def purify(
@@ -177,19 +182,19 @@ def purify(
     *,
     steps: int | None = None,
     generator: Generators = None,
+    differentiable: bool = False,
 ) -> torch.Tensor:
     """Noise then denoise: ``denoise(diffuse(x))`` with one generator stream per image.
 
     Args:
         x: float images ``(N, C, H, W)`` in ``[0, 1]``.
-        denoiser, t_star, steps, generator: as in :func:`diffuse` and :func:`denoise`.
+        denoiser, t_star, steps, generator, differentiable: as in :func:`diffuse` and :func:`denoise`.
 
     Returns:
         Purified float32 images ``(N, C, H, W)`` in ``[0, 1]``.
     """
-    return denoise(
-        diffuse(x, denoiser, t_star, generator=generator), denoiser, t_star, steps=steps, generator=generator
-    )
+    noisy = diffuse(x, denoiser, t_star, generator=generator)
+    return denoise(noisy, denoiser, t_star, steps=steps, generator=generator, differentiable=differentiable)
 
 
 def compensate(

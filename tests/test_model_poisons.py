@@ -9,6 +9,7 @@ import torch
 
 from eclipse_transforms.bench import em as em_module
 from eclipse_transforms.bench import tap as tap_module
+from eclipse_transforms.bench.adp import ADPConfig, adp
 from eclipse_transforms.bench.em import EMConfig, em
 from eclipse_transforms.bench.poisons import get_poison
 from eclipse_transforms.bench.sep import SEPConfig, sep
@@ -131,3 +132,28 @@ def test_sep_budget_determinism_snapshots_and_resume(data, tmp_path):
     assert torch.equal(sep(images, labels, config=config, progress=False, work_dir=tmp_path), out)
     with pytest.raises(ValueError, match="checkpoints=4 needs at least as many surrogate_epochs"):
         sep(images, labels, config=SEPConfig(checkpoints=4, surrogate_epochs=2), progress=False)
+
+
+def test_adp_crafts_through_the_defense(data, tiny_folder, tmp_path):
+    images, labels = data
+    config = ADPConfig(em=TINY, weights=str(tiny_folder), t_star=20, purifier_steps=2)
+    out = adp(images, labels, config=config, progress=False, work_dir=tmp_path)
+    change = (out.int() - images.int()).abs()
+    assert out.dtype == torch.uint8 and change.max() <= 8 and change.float().mean() > 1
+    assert torch.equal(out, adp(images, labels, config=config, progress=False))
+    # Same seed and EM settings, but the surrogate looked through the purifier: a different poison.
+    assert not torch.equal(out, em(images, labels, config=TINY, progress=False))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["defense"]["purifier_steps"] == 2 and report["denoiser"]
+
+
+def test_differentiable_purify_matches_the_inference_path(tiny):
+    from eclipse_transforms import functional as EF
+
+    x = torch.rand(3, 3, 12, 8, requires_grad=True)
+    y = EF.purify(x, tiny, 20, steps=2, generator=torch.Generator().manual_seed(0), differentiable=True)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert torch.equal(
+        y.detach(), EF.purify(x.detach(), tiny, 20, steps=2, generator=torch.Generator().manual_seed(0))
+    )

@@ -27,6 +27,9 @@ from .models import build_model
 
 logger = logging.getLogger(__name__)
 
+#: ``view(x, generator) -> x'``: what the surrogate sees of a perturbed float batch (differentiable).
+View = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
 __all__ = [
     "CraftState",
     "craft_in_shards",
@@ -109,10 +112,13 @@ def train_batches(
     num_batches: int,
     batch_size: int,
     seed: int,
+    view: View | None = None,
 ) -> float:
     """``num_batches`` SGD steps on ``x + δ`` from a data stream (epoch order seeded by ``(seed, epoch)``).
 
-    ``cursor`` (``{"epoch", "offset"}``) is advanced in place and belongs in the checkpoint. Returns the mean loss.
+    ``cursor`` (``{"epoch", "offset"}``) is advanced in place and belongs in the checkpoint. ``view(x, generator)``,
+    if given, is what the surrogate sees of ``x + δ`` (e.g. a purifier, for the adaptive attack). Returns the
+    mean loss.
     """
     model.train()
     total = 0.0
@@ -123,8 +129,13 @@ def train_batches(
             len(images), generator=torch.Generator().manual_seed(derive_seed(seed, cursor["epoch"]))
         )
         idx = order[cursor["offset"] : cursor["offset"] + batch_size]
+        x = perturbed(images[idx], delta[idx])
+        if view is not None:
+            g = torch.Generator().manual_seed(derive_seed(seed, "view", cursor["epoch"], cursor["offset"]))
+            with torch.no_grad():
+                x = view(x, g).contiguous(memory_format=torch.channels_last)
         cursor["offset"] += batch_size
-        loss = nnf.cross_entropy(model(perturbed(images[idx], delta[idx])), labels[idx])
+        loss = nnf.cross_entropy(model(x), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -132,22 +143,25 @@ def train_batches(
     return total / max(num_batches, 1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def accuracy(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, batch_size: int = 1000
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    delta: torch.Tensor,
+    batch_size: int = 1000,
+    view: View | None = None,
+    seed: int = 0,
 ) -> float:
-    """Accuracy of ``model`` (eval mode) on ``x + δ``."""
+    """Accuracy of ``model`` (eval mode) on ``x + δ``, through ``view`` if given."""
     model.eval()
     hits = 0
     for s in range(0, len(images), batch_size):
-        hits += (
-            (
-                model(perturbed(images[s : s + batch_size], delta[s : s + batch_size])).argmax(1)
-                == labels[s : s + batch_size]
-            )
-            .sum()
-            .item()
-        )
+        x = perturbed(images[s : s + batch_size], delta[s : s + batch_size])
+        if view is not None:
+            x = view(x, torch.Generator().manual_seed(derive_seed(seed, "view-eval", s)))
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+        hits += (logits.argmax(1) == labels[s : s + batch_size]).sum().item()
     return hits / len(images)
 
 

@@ -34,12 +34,12 @@ import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
 from .._images import derive_seed, quantize
-from .crafting import CraftState, accuracy, fingerprint, perturbed, sgd, surrogate, train_batches
+from .crafting import CraftState, View, accuracy, fingerprint, perturbed, sgd, surrogate, train_batches
 from .poisons import _check, _num_classes, register_poison
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EMConfig", "em"]
+__all__ = ["EMConfig", "em", "min_min"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,13 @@ class EMConfig:
 
 
 def _minimise(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, config: EMConfig
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    delta: torch.Tensor,
+    config: EMConfig,
+    view: View | None = None,
+    seed: int = 0,
 ) -> None:
     """Step 2: ``pgd_steps`` error-minimizing signed steps on every image, in place on ``delta``."""
     model.eval()
@@ -71,15 +77,106 @@ def _minimise(
     for s in range(0, len(images), config.batch_size):
         x, y = x_all[s : s + config.batch_size], labels[s : s + config.batch_size]
         d = delta[s : s + config.batch_size].clone()
-        for _ in range(config.pgd_steps):
+        for step in range(config.pgd_steps):
             d.requires_grad_(True)
-            loss = nnf.cross_entropy(model((x + d).clamp(0, 1).contiguous(memory_format=torch.channels_last)), y)
+            seen = (x + d).clamp(0, 1)
+            if view is not None:
+                seen = view(seen, torch.Generator().manual_seed(derive_seed(seed, "view-min", s, step)))
+            loss = nnf.cross_entropy(model(seen.contiguous(memory_format=torch.channels_last)), y)
             (grad,) = torch.autograd.grad(loss, d)
             d = (d.detach() - config.step_size * grad.sign()).clamp(-config.epsilon, config.epsilon)
             d = (x + d).clamp(0, 1) - x
         delta[s : s + config.batch_size] = d
     for p in model.parameters():
         p.requires_grad_(True)
+
+
+def min_min(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    name: str,
+    seed: int,
+    config: EMConfig,
+    work_dir: str | os.PathLike | None,
+    progress: bool,
+    view: View | None = None,
+    extra: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """The min-min alternation shared by EM and the adaptive attack (``view``: what the surrogate sees)."""
+    images, labels = _check(images, labels)
+    meta = {
+        "poison": name,
+        "seed": seed,
+        "config": config.to_dict(),
+        "n": len(images),
+        "data": fingerprint(images, labels),
+        **(extra or {}),
+    }
+    store = CraftState(work_dir, meta)
+    model = surrogate(config.widths, _num_classes(labels), seed)
+    opt = sgd(model, config.lr)
+    state = store.load()
+    if state is None:
+        g = torch.Generator().manual_seed(derive_seed(f"{name}-init", seed))
+        delta = (torch.rand(images.shape, generator=g) * 2 - 1) * config.epsilon
+        delta = (images.float() / 255 + delta).clamp(0, 1) - images.float() / 255
+        state = {"delta": delta, "round": 0, "cursor": {"epoch": 0, "offset": 0}, "accuracy": 0.0, "done": False}
+    else:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    delta, cursor = state["delta"], dict(state["cursor"])
+    bar = tqdm(total=config.max_rounds, initial=state["round"], desc=name, unit="round", disable=not progress)
+    while not state["done"] and state["round"] < config.max_rounds:
+        r = state["round"]
+        train_batches(
+            model,
+            opt,
+            images,
+            labels,
+            delta,
+            cursor,
+            config.train_batches,
+            config.batch_size,
+            derive_seed(f"{name}-data", seed),
+            view=view,
+        )
+        _minimise(model, images, labels, delta, config, view=view, seed=derive_seed(name, seed, r))
+        acc = accuracy(model, images, labels, delta, view=view, seed=derive_seed(name, seed, r))
+        state = {
+            "delta": delta,
+            "round": r + 1,
+            "cursor": dict(cursor),
+            "accuracy": acc,
+            "done": acc > config.stop_accuracy,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+        }
+        store.save(state)
+        bar.update()
+        bar.set_postfix(accuracy=f"{acc:.3f}")
+        logger.info("%s round %d: surrogate accuracy on x+δ %.4f", name, state["round"], acc)
+    bar.close()
+    if not state["done"]:
+        logger.warning(
+            "%s stopped at max_rounds=%d with surrogate accuracy %.4f (target > %.2f)",
+            name,
+            config.max_rounds,
+            state["accuracy"],
+            config.stop_accuracy,
+        )
+    store.report(
+        {
+            "poison": name,
+            "rounds": state["round"],
+            "surrogate_accuracy": state["accuracy"],
+            "converged": state["done"],
+            "config": config.to_dict(),
+            "seed": seed,
+            **(extra or {}),
+        }
+    )
+    return quantize(perturbed(images, delta)).contiguous()
 
 
 @register_poison("em")
@@ -104,71 +201,4 @@ def em(
     Returns:
         uint8 poisoned images ``(N, 3, H, W)``.
     """
-    images, labels = _check(images, labels)
-    meta = {
-        "poison": "em",
-        "seed": seed,
-        "config": config.to_dict(),
-        "n": len(images),
-        "data": fingerprint(images, labels),
-    }
-    store = CraftState(work_dir, meta)
-    model = surrogate(config.widths, _num_classes(labels), seed)
-    opt = sgd(model, config.lr)
-    state = store.load()
-    if state is None:
-        g = torch.Generator().manual_seed(derive_seed("em-init", seed))
-        delta = (torch.rand(images.shape, generator=g) * 2 - 1) * config.epsilon
-        delta = (images.float() / 255 + delta).clamp(0, 1) - images.float() / 255
-        state = {"delta": delta, "round": 0, "cursor": {"epoch": 0, "offset": 0}, "accuracy": 0.0, "done": False}
-    else:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-    delta, cursor = state["delta"], dict(state["cursor"])
-    bar = tqdm(total=config.max_rounds, initial=state["round"], desc="em", unit="round", disable=not progress)
-    while not state["done"] and state["round"] < config.max_rounds:
-        train_batches(
-            model,
-            opt,
-            images,
-            labels,
-            delta,
-            cursor,
-            config.train_batches,
-            config.batch_size,
-            derive_seed("em-data", seed),
-        )
-        _minimise(model, images, labels, delta, config)
-        acc = accuracy(model, images, labels, delta)
-        state = {
-            "delta": delta,
-            "round": state["round"] + 1,
-            "cursor": dict(cursor),
-            "accuracy": acc,
-            "done": acc > config.stop_accuracy,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-        }
-        store.save(state)
-        bar.update()
-        bar.set_postfix(accuracy=f"{acc:.3f}")
-        logger.info("em round %d: surrogate accuracy on x+δ %.4f", state["round"], acc)
-    bar.close()
-    if not state["done"]:
-        logger.warning(
-            "em stopped at max_rounds=%d with surrogate accuracy %.4f (target > %.2f)",
-            config.max_rounds,
-            state["accuracy"],
-            config.stop_accuracy,
-        )
-    store.report(
-        {
-            "poison": "em",
-            "rounds": state["round"],
-            "surrogate_accuracy": state["accuracy"],
-            "converged": state["done"],
-            "config": config.to_dict(),
-            "seed": seed,
-        }
-    )
-    return quantize(perturbed(images, delta)).contiguous()
+    return min_min(images, labels, name="em", seed=seed, config=config, work_dir=work_dir, progress=progress)
