@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from eclipse_transforms.bench import em as em_module
+from eclipse_transforms.bench import rem as rem_module
 from eclipse_transforms.bench import tap as tap_module
 from eclipse_transforms.bench.adp import ADPConfig, adp
 from eclipse_transforms.bench.em import EMConfig, em
 from eclipse_transforms.bench.poisons import get_poison
+from eclipse_transforms.bench.rem import REMConfig, rem
 from eclipse_transforms.bench.sep import SEPConfig, sep
 from eclipse_transforms.bench.tap import TAPConfig, tap
 
@@ -157,3 +159,39 @@ def test_differentiable_purify_matches_the_inference_path(tiny):
     assert torch.equal(
         y.detach(), EF.purify(x.detach(), tiny, 20, steps=2, generator=torch.Generator().manual_seed(0))
     )
+
+
+REM_TINY = REMConfig(
+    pgd_steps=2,
+    adversary_steps=1,
+    eot_samples=1,
+    train_steps=4,
+    batch_size=8,
+    checkpoint_steps=2,
+    lr_decay_steps=2,
+    shard_size=16,
+    widths=(8, 8, 8),
+)
+
+
+def test_rem_budget_determinism_and_resume(data, tmp_path, monkeypatch):
+    images, labels = data
+    expected = rem(images, labels, config=REM_TINY, progress=False)
+    change = (expected.int() - images.int()).abs()
+    assert expected.dtype == torch.uint8 and change.max() <= 8 and change.float().mean() > 1
+    # Interrupt training at step 3 (after the step-2 checkpoint), then resume: same poison.
+    real, calls = rem_module._robust_noise, []
+
+    def crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rem_module, "_robust_noise", crash)
+    with pytest.raises(KeyboardInterrupt):
+        rem(images, labels, config=REM_TINY, progress=False, work_dir=tmp_path)
+    monkeypatch.setattr(rem_module, "_robust_noise", real)
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 2
+    assert torch.equal(rem(images, labels, config=REM_TINY, progress=False, work_dir=tmp_path), expected)
+    assert json.loads((tmp_path / "report.json").read_text())["train_steps"] == 4

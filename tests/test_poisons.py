@@ -15,10 +15,10 @@ def data():
 
 
 def test_registry():
-    assert list_poisons() == ["adp", "ar", "cuda", "em", "lsp", "ops", "sep", "tap", "urp"]
+    assert list_poisons() == ["adp", "ar", "cuda", "em", "lsp", "ops", "rem", "sep", "tap", "urp"]
     assert get_poison("URP") is urp
     with pytest.raises(
-        ValueError, match="unknown poison 'xyz'; available: adp, ar, cuda, em, lsp, ops, sep, tap, urp"
+        ValueError, match="unknown poison 'xyz'; available: adp, ar, cuda, em, lsp, ops, rem, sep, tap, urp"
     ):
         get_poison("xyz")
     with pytest.raises(ValueError, match="already registered"):

@@ -4,7 +4,7 @@
 >>> results = run_bench(BenchConfig(data="cifar10.npz", poisons="lsp,ar", tier="quick"))  # doctest: +SKIP
 """
 
-from . import adp, em, sep, tap  # noqa: F401 - registers the model-based poisons
+from . import adp, em, rem, sep, tap  # noqa: F401 - registers the model-based poisons
 from .classifier import Recipe, train_classifier
 from .defenses import Defense, get_defense, list_defenses, register_defense
 from .poisons import get_poison, list_poisons, register_poison

@@ -9,7 +9,7 @@ Registry (timm-style)::
 
     >>> from eclipse_transforms.bench.poisons import list_poisons, get_poison
     >>> list_poisons()
-    ['adp', 'ar', 'cuda', 'em', 'lsp', 'ops', 'sep', 'tap', 'urp']
+    ['adp', 'ar', 'cuda', 'em', 'lsp', 'ops', 'rem', 'sep', 'tap', 'urp']
 """
 
 from __future__ import annotations
