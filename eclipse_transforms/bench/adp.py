@@ -23,6 +23,7 @@ import torch
 
 from .. import functional as EF
 from ..denoiser import load_denoiser
+from .crafting import freeze
 from .em import EMConfig, min_min
 from .poisons import register_poison
 
@@ -67,9 +68,7 @@ def adp(
     Returns:
         uint8 poisoned images ``(N, 3, H, W)``.
     """
-    denoiser = load_denoiser(config.weights)
-    for p in denoiser.parameters():
-        p.requires_grad_(False)
+    denoiser = freeze(load_denoiser(config.weights))
 
     def through_defense(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         purified = EF.purify(x, denoiser, config.t_star, steps=config.purifier_steps, generator=g, differentiable=True)

@@ -87,6 +87,36 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     return hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:20]
 
 
+def crafting_meta(
+    name: str, seed: int, config: Any, images: torch.Tensor, labels: torch.Tensor, **extra: Any
+) -> dict[str, Any]:
+    """Everything a crafting run's output depends on; a checkpoint made with other settings is not resumed."""
+    return {
+        "poison": name,
+        "seed": seed,
+        "config": config.to_dict(),
+        "n": len(images),
+        "data": fingerprint(images, labels),
+        **extra,
+    }
+
+
+def work_root(work_dir: str | os.PathLike | None) -> Path | None:
+    """``work_dir`` as a created folder, or None."""
+    if work_dir is None:
+        return None
+    root = Path(work_dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def freeze(model: torch.nn.Module, frozen: bool = True) -> torch.nn.Module:
+    """Stop (or restart) gradients to the parameters: crafting differentiates w.r.t. the input only."""
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+    return model
+
+
 def surrogate(widths: tuple[int, ...], num_classes: int, seed: int) -> torch.nn.Module:
     """The bench's compact classifier as the crafting surrogate (so poisons hit the bench at full strength)."""
     torch.manual_seed(derive_seed("surrogate", seed))
@@ -172,17 +202,18 @@ def craft_in_shards(
     *,
     root: Path | None,
     meta: dict[str, Any],
-    shard_size: int,
-    batch_size: int,
+    config: Any,
     progress: bool,
-    desc: str,
+    report: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Per-image crafting (the surrogate is frozen), batch by batch, saved in checksummed shards under ``root``.
 
     ``attack(x, y, start)`` gets float images ``x`` in ``[0, 1]``, their labels and the index of the batch's first
     image (to seed its randomness) and returns the poisoned batch as uint8. Finished shards are reused by a later
-    call with the same ``meta``, so an interrupted run loses at most one shard.
+    call with the same ``meta``, so an interrupted run loses at most one shard. ``config`` gives ``shard_size`` and
+    ``batch_size``; ``report`` (plus the poison, its config and seed) is written to ``root/report.json`` at the end.
     """
+    shard_size, batch_size, desc = config.shard_size, config.batch_size, meta["poison"]
     store = None
     if root is not None:
         (root / "shards").mkdir(parents=True, exist_ok=True)
@@ -204,4 +235,8 @@ def craft_in_shards(
             continue
         bar.update(hi - lo)
     bar.close()
+    if root is not None:
+        CraftState(root, meta).report(
+            {"poison": desc, "config": meta["config"], "seed": meta["seed"], **(report or {})}
+        )
     return out

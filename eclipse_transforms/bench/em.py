@@ -34,7 +34,7 @@ import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
 from .._images import derive_seed, quantize
-from .crafting import CraftState, View, accuracy, fingerprint, perturbed, sgd, surrogate, train_batches
+from .crafting import CraftState, View, accuracy, crafting_meta, freeze, perturbed, sgd, surrogate, train_batches
 from .poisons import _check, _num_classes, register_poison
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,7 @@ def _minimise(
     seed: int = 0,
 ) -> None:
     """Step 2: ``pgd_steps`` error-minimizing signed steps on every image, in place on ``delta``."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model.eval())
     x_all = images.float() / 255
     for s in range(0, len(images), config.batch_size):
         x, y = x_all[s : s + config.batch_size], labels[s : s + config.batch_size]
@@ -87,8 +85,7 @@ def _minimise(
             d = (d.detach() - config.step_size * grad.sign()).clamp(-config.epsilon, config.epsilon)
             d = (x + d).clamp(0, 1) - x
         delta[s : s + config.batch_size] = d
-    for p in model.parameters():
-        p.requires_grad_(True)
+    freeze(model, False)
 
 
 def min_min(
@@ -105,14 +102,7 @@ def min_min(
 ) -> torch.Tensor:
     """The min-min alternation shared by EM and the adaptive attack (``view``: what the surrogate sees)."""
     images, labels = _check(images, labels)
-    meta = {
-        "poison": name,
-        "seed": seed,
-        "config": config.to_dict(),
-        "n": len(images),
-        "data": fingerprint(images, labels),
-        **(extra or {}),
-    }
+    meta = crafting_meta(name, seed, config, images, labels, **(extra or {}))
     store = CraftState(work_dir, meta)
     model = surrogate(config.widths, _num_classes(labels), seed)
     opt = sgd(model, config.lr)

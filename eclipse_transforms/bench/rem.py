@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .._images import derive_seed, quantize
 from .classifier import random_crop_flip
-from .crafting import CraftState, craft_in_shards, fingerprint, sgd, surrogate
+from .crafting import CraftState, craft_in_shards, crafting_meta, freeze, sgd, surrogate, work_root
 from .poisons import _check, _num_classes, register_poison
 
 logger = logging.getLogger(__name__)
@@ -94,11 +93,6 @@ def _adversary(
     return rho.detach()
 
 
-def _freeze(model: torch.nn.Module, frozen: bool) -> None:
-    for p in model.parameters():
-        p.requires_grad_(not frozen)
-
-
 @register_poison("rem")
 def rem(
     images: torch.Tensor,
@@ -121,13 +115,7 @@ def rem(
         uint8 poisoned images ``(N, 3, H, W)``.
     """
     images, labels = _check(images, labels)
-    meta = {
-        "poison": "rem",
-        "seed": seed,
-        "config": config.to_dict(),
-        "n": len(images),
-        "data": fingerprint(images, labels),
-    }
+    meta = crafting_meta("rem", seed, config, images, labels)
     store = CraftState(work_dir, meta)
     model = surrogate(config.widths, _num_classes(labels), seed)
     opt = sgd(model, config.lr)
@@ -144,9 +132,9 @@ def rem(
         idx = torch.randint(0, len(images), (config.batch_size,), generator=g)
         x, y = images[idx].float() / 255, labels[idx]
         model.eval()  # crafting uses running statistics; the update below trains them
-        _freeze(model, True)
+        freeze(model, True)
         _, adversarial = _robust_noise(model, x, y, config, g)
-        _freeze(model, False)
+        freeze(model, False)
         model.train()
         loss = nnf.cross_entropy(model(adversarial.contiguous(memory_format=torch.channels_last)), y)
         opt.zero_grad(set_to_none=True)
@@ -162,23 +150,14 @@ def rem(
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.eval()
-    _freeze(model, True)
+    freeze(model, True)
 
     def attack(x: torch.Tensor, y: torch.Tensor, start: int) -> torch.Tensor:
         d, _ = _robust_noise(model, x, y, config, torch.Generator().manual_seed(derive_seed("rem-craft", seed, start)))
         return quantize((x + d).clamp(0, 1))
 
-    root = Path(work_dir).expanduser() if work_dir is not None else None
-    out = craft_in_shards(
-        images,
-        labels,
-        attack,
-        root=root,
-        meta=meta,
-        shard_size=config.shard_size,
-        batch_size=config.batch_size,
-        progress=progress,
-        desc="rem",
+    root = work_root(work_dir)
+    report = {"train_steps": config.train_steps}
+    return craft_in_shards(
+        images, labels, attack, root=root, meta=meta, config=config, progress=progress, report=report
     )
-    store.report({"poison": "rem", "config": config.to_dict(), "seed": seed, "train_steps": config.train_steps})
-    return out

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .._images import derive_seed, quantize
 from .classifier import Recipe, fit_classifier
-from .crafting import CraftState, craft_in_shards, digest, fingerprint
+from .crafting import craft_in_shards, crafting_meta, digest, freeze, work_root
 from .models import build_model
 from .poisons import _check, _num_classes, register_poison
 
@@ -101,10 +101,7 @@ def _snapshots(
     for epoch in sorted(states):
         model = build_model("compact", config.widths, num_classes)
         model.load_state_dict(states[epoch])
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        models.append(model)
+        models.append(freeze(model.eval()))
     return models
 
 
@@ -131,16 +128,8 @@ def sep(
     """
     images, labels = _check(images, labels)
     k = _num_classes(labels)
-    meta = {
-        "poison": "sep",
-        "seed": seed,
-        "config": config.to_dict(),
-        "n": len(images),
-        "data": fingerprint(images, labels),
-    }
-    root = Path(work_dir).expanduser() if work_dir is not None else None
-    if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
+    meta = crafting_meta("sep", seed, config, images, labels)
+    root = work_root(work_dir)
     models = _snapshots(
         images, labels, config, seed, k, root / f"snapshots-{digest(meta)}.safetensors" if root else None, progress
     )
@@ -157,25 +146,7 @@ def sep(
             adv = torch.minimum(torch.maximum(adv, x - config.epsilon), x + config.epsilon).clamp(0, 1)
         return quantize(adv)
 
-    out = craft_in_shards(
-        images,
-        labels,
-        attack,
-        root=root,
-        meta=meta,
-        shard_size=config.shard_size,
-        batch_size=config.batch_size,
-        progress=progress,
-        desc="sep",
+    report = {"snapshots": len(models), "target": f"(y + {config.target_offset}) mod K"}
+    return craft_in_shards(
+        images, labels, attack, root=root, meta=meta, config=config, progress=progress, report=report
     )
-    if root is not None:
-        CraftState(root, meta).report(
-            {
-                "poison": "sep",
-                "config": config.to_dict(),
-                "seed": seed,
-                "snapshots": len(models),
-                "target": f"(y + {config.target_offset}) mod K",
-            }
-        )
-    return out

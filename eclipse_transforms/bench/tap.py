@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .._images import derive_seed, quantize
 from .classifier import Recipe, fit_classifier, random_crop_flip
-from .crafting import CraftState, craft_in_shards, digest, fingerprint
+from .crafting import craft_in_shards, crafting_meta, digest, freeze, work_root
 from .poisons import _check, _num_classes, register_poison
 
 logger = logging.getLogger(__name__)
@@ -131,22 +131,12 @@ def tap(
     """
     images, labels = _check(images, labels)
     k = _num_classes(labels)
-    meta = {
-        "poison": "tap",
-        "seed": seed,
-        "config": config.to_dict(),
-        "n": len(images),
-        "data": fingerprint(images, labels),
-    }
-    root = Path(work_dir).expanduser() if work_dir is not None else None
-    if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
+    meta = crafting_meta("tap", seed, config, images, labels)
+    root = work_root(work_dir)
     # The surrogate's file name carries the settings, so a changed config never reuses a stale surrogate.
     surrogate_path = root / f"surrogate-{digest(meta)}.safetensors" if root else None
     model = _surrogate(images, labels, config, seed, k, surrogate_path, progress)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model.eval())
 
     def attack(x: torch.Tensor, y: torch.Tensor, start: int) -> torch.Tensor:
         target = (y + 1) % k
@@ -163,24 +153,7 @@ def tap(
                 best_loss = torch.minimum(loss, best_loss)
         return quantize((x + best_d).clamp(0, 1))
 
-    out = craft_in_shards(
-        images,
-        labels,
-        attack,
-        root=root,
-        meta=meta,
-        shard_size=config.shard_size,
-        batch_size=config.batch_size,
-        progress=progress,
-        desc="tap",
+    report = {"target": "(y + 1) mod K"}
+    return craft_in_shards(
+        images, labels, attack, root=root, meta=meta, config=config, progress=progress, report=report
     )
-    if root is not None:
-        CraftState(root, meta).report(
-            {
-                "poison": "tap",
-                "config": config.to_dict(),
-                "seed": seed,
-                "target": "(y + 1) mod K",
-            }
-        )
-    return out
