@@ -32,6 +32,7 @@ from .. import functional as EF
 from ..compensation import CorruptionCompensation
 from ..dataset import PurifiedDataset
 from ..purify import DEFAULT_STEPS, EclipsePurify
+from ._registry import Registry
 
 __all__ = ["Defense", "DefenseContext", "register_defense", "list_defenses", "get_defense"]
 
@@ -61,32 +62,21 @@ class Defense:
 
 
 DefenseFactory = Callable[[DefenseContext], Defense]
-_REGISTRY: dict[str, DefenseFactory] = {}
+_DEFENSES: Registry[DefenseFactory] = Registry("defense")
 
 
 def register_defense(name: str) -> Callable[[DefenseFactory], DefenseFactory]:
     """Register ``factory(context) -> Defense`` under ``name``."""
-
-    def wrap(factory: DefenseFactory) -> DefenseFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"a defense named {name!r} is already registered.")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+    return _DEFENSES.register(name)
 
 
 def list_defenses() -> list[str]:
-    return sorted(_REGISTRY)
+    return _DEFENSES.names()
 
 
 def get_defense(name: str, context: DefenseContext | None = None) -> Defense:
     """Build the defense ``name`` for ``context`` (default: bundled weights, default cache)."""
-    try:
-        factory = _REGISTRY[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown defense {name!r}; available: {', '.join(list_defenses())}.") from None
-    return factory(context or DefenseContext())
+    return _DEFENSES.get(name)(context or DefenseContext())
 
 
 # -- building blocks ------------------------------------------------------------------------------------------------

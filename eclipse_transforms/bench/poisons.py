@@ -20,34 +20,25 @@ import torch
 import torch.nn.functional as nnf
 
 from .._images import quantize
+from ._registry import Registry
 
 __all__ = ["register_poison", "list_poisons", "get_poison", "urp", "lsp", "ar", "ops", "cuda"]
 
 PoisonFn = Callable[..., torch.Tensor]
-_REGISTRY: dict[str, PoisonFn] = {}
+_POISONS: Registry[PoisonFn] = Registry("poison")
 
 
 def register_poison(name: str) -> Callable[[PoisonFn], PoisonFn]:
     """Register a poison generator under ``name`` (lower case)."""
-
-    def wrap(fn: PoisonFn) -> PoisonFn:
-        if name in _REGISTRY:
-            raise ValueError(f"a poison named {name!r} is already registered.")
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
+    return _POISONS.register(name)
 
 
 def list_poisons() -> list[str]:
-    return sorted(_REGISTRY)
+    return _POISONS.names()
 
 
 def get_poison(name: str) -> PoisonFn:
-    try:
-        return _REGISTRY[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown poison {name!r}; available: {', '.join(list_poisons())}.") from None
+    return _POISONS.get(name)
 
 
 def _check(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
