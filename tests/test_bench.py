@@ -200,3 +200,41 @@ def test_pgd_stays_in_the_ball_and_raises_the_loss():
     loss = torch.nn.functional.cross_entropy
     assert loss(model(adv), y) > loss(model(x), y)
     assert get_defense("adv-training").adversarial_epsilon == pytest.approx(8 / 255)
+
+
+def test_models_shapes_and_sizes():
+    from eclipse_transforms.bench.models import build_model
+
+    compact = build_model("compact", (32, 64, 128))
+    assert sum(p.numel() for p in compact.parameters()) == 295_096  # the size the README and tiers quote
+    x = torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert compact(x).shape == (2, 10)
+    resnet = build_model("resnet18", num_classes=7).eval()
+    assert resnet(x).shape == (2, 7) and resnet.conv1.stride == (1, 1)
+    with pytest.raises(ValueError, match="model must be 'compact' or 'resnet18'"):
+        build_model("vit")
+
+
+@pytest.mark.slow
+@pytest.mark.cifar
+def test_runner_on_real_cifar10_holds_out_the_sparse_set(tmp_path):
+    from .conftest import cifar_npz
+
+    path = cifar_npz()
+    if path is None:
+        pytest.skip("real CIFAR-10 not found: set ECLIPSE_CIFAR10 or put cifar10.npz in ../shared/data/cifar10/")
+    config = BenchConfig(
+        data=str(path),
+        poisons=("lsp",),
+        defenses=("none", "eclipse"),
+        subset=100,
+        epochs=1,
+        widths=(8, 8, 8),
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    results = run_bench(config)
+    assert {c["test_images"] for c in results["cells"]} == {8000}  # 10,000 minus the 2,000 sparse-set images
+    assert {c["train_images"] for c in results["cells"]} == {100}
+    assert "| eclipse |" in (tmp_path / "out" / "table.md").read_text()
