@@ -13,6 +13,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["accuracy_grid", "format_table", "write_table", "write_chart"]
 
+_warned: list[bool] = []  # warn once per process about a missing matplotlib
+
 
 def accuracy_grid(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """``{defense: {column: test accuracy in %, or None if not run yet}}``, plus ``"mean"`` over the poisons."""
@@ -59,7 +61,11 @@ def write_chart(results: dict[str, Any], path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed, so no chart was drawn: pip install 'eclipse-transforms[bench]'")
+        if not _warned:
+            logger.warning(
+                "matplotlib is not installed, so no chart is drawn: pip install 'eclipse-transforms[bench]'"
+            )
+            _warned.append(True)
         return False
     grid = accuracy_grid(results)
     columns = [*results["columns"], "mean"]

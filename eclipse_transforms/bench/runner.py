@@ -314,5 +314,5 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             }
             _atomic_write(run.out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
             write_table(results, run.out / "table.md")
-    write_chart(results, run.out / "chart.png")
+            write_chart(results, run.out / "chart.png")  # after every cell, so a long run shows its progress
     return results
