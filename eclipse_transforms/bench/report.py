@@ -70,7 +70,7 @@ def write_chart(results: dict[str, Any], path: Path) -> bool:
     grid = accuracy_grid(results)
     columns = [*results["columns"], "mean"]
     width = 0.8 / max(len(grid), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(columns) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(columns) + 2), 4.6))
     for i, (defense, row) in enumerate(grid.items()):
         xs = [j + (i - (len(grid) - 1) / 2) * width for j in range(len(columns))]
         ax.bar(xs, [row[c] or 0.0 for c in columns], width, label=defense)
@@ -79,7 +79,10 @@ def write_chart(results: dict[str, Any], path: Path) -> bool:
     ax.set_ylim(0, 100)
     ax.set_title(f"eclipse-transforms bench, tier {results['tier']['name']}")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(3, len(grid)), loc="upper right")
+    clean = grid.get("none", {}).get("clean")
+    if clean is not None:
+        ax.axhline(clean, color="0.3", linestyle="--", linewidth=0.8, label="clean data, no defense")
+    ax.legend(fontsize=8, ncol=min(4, len(grid) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
