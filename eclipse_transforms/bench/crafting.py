@@ -34,7 +34,6 @@ __all__ = [
     "CraftState",
     "craft_in_shards",
     "digest",
-    "fingerprint",
     "surrogate",
     "sgd",
     "train_batches",
@@ -77,14 +76,12 @@ class CraftState:
         _atomic_write(self.path, buf.getvalue())
 
 
-def digest(meta: dict[str, Any]) -> str:
-    """A short hash of JSON-able settings."""
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """A short hash of a training set, part of every crafting checkpoint's settings."""
-    return hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:20]
+def digest(*parts: Any) -> str:
+    """A short sha256 of tensors (their bytes) and JSON-able settings, in order: cache keys and fingerprints."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.numpy().tobytes() if isinstance(p, torch.Tensor) else json.dumps(p, sort_keys=True).encode())
+    return h.hexdigest()[:20]
 
 
 def crafting_meta(
@@ -96,7 +93,7 @@ def crafting_meta(
         "seed": seed,
         "config": config.to_dict(),
         "n": len(images),
-        "data": fingerprint(images, labels),
+        "data": digest(images, labels),
         **extra,
     }
 

@@ -16,7 +16,6 @@ and an interrupted run resumes where it stopped (a cell is written only when its
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import logging
@@ -36,6 +35,7 @@ from .._version import __version__
 from ..dataset import default_cache_dir
 from ..denoiser import bundled_weights_path
 from .classifier import Recipe, train_classifier
+from .crafting import digest
 from .defenses import DefenseContext, get_defense, list_defenses
 from .poisons import get_poison, list_poisons
 from .report import write_chart, write_table
@@ -144,13 +144,6 @@ class BenchConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def _digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.numpy().tobytes() if isinstance(p, torch.Tensor) else json.dumps(p, sort_keys=True).encode())
-    return h.hexdigest()[:20]
-
-
 def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
     """Sorted indices of ``size`` images, ``size / num_classes`` per class, drawn with numpy ``default_rng(seed)``."""
     if size is None or size >= len(labels):
@@ -181,7 +174,7 @@ class _Run:
         exclude = load_indices(exclude_file) if exclude_file else []
         keep = torch.from_numpy(np.setdiff1d(np.arange(len(test.labels)), np.asarray(exclude, dtype=np.int64)))
         self.test_images, self.test_labels = test.images[keep].contiguous(), test.labels[keep].contiguous()
-        self.data_key = _digest(self.images, self.labels, self.test_images, self.test_labels)
+        self.data_key = digest(self.images, self.labels, self.test_images, self.test_labels)
         self.context = DefenseContext(
             weights=config.weights,
             cache_dir=str(self.cache / "purified"),
@@ -196,7 +189,7 @@ class _Run:
         """The poisoned training set (cached), the seconds it took now (0 if cached) and the crafting report."""
         if poison == CLEAN:
             return self.images, 0.0, None
-        key = _digest(poison, self.config.seed, __version__, self.images, self.labels)
+        key = digest(poison, self.config.seed, __version__, self.images, self.labels)
         path = self.cache / "poisoned" / f"{poison}-{key}.safetensors"
         report_path = path.with_suffix(".work") / "report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
@@ -224,7 +217,7 @@ class _Run:
         return self.out / "cells" / f"{poison}__{defense}.json"
 
     def cell_key(self, poison: str, defense_options: dict[str, Any], defense: str) -> str:
-        return _digest(self.data_key, poison, defense, defense_options, self.recipe.to_dict(), self.config.seed)
+        return digest(self.data_key, poison, defense, defense_options, self.recipe.to_dict(), self.config.seed)
 
     def run_cell(self, poison: str, defense_name: str) -> dict[str, Any]:
         defense = get_defense(defense_name, self.context)

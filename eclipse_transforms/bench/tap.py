@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .._images import derive_seed, quantize
 from .classifier import Recipe, fit_classifier, random_crop_flip
 from .crafting import craft_in_shards, crafting_meta, digest, freeze, work_root
+from .models import build_model
 from .poisons import _check, _num_classes, register_poison
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,6 @@ def _surrogate(
 ) -> torch.nn.Module:
     recipe = Recipe(widths=config.widths, epochs=config.surrogate_epochs)
     if path is not None and path.is_file():
-        from .models import build_model
-
         model = build_model("compact", config.widths, num_classes)
         model.load_state_dict(load_file(path))
         return model
