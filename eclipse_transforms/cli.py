@@ -5,6 +5,7 @@ eclipse-transforms purify INPUT OUTPUT [--t-star --steps]  # ImageFolder / CIFAR
 eclipse-transforms info   [--weights PATH_OR_REPO]         # which weights, their config
 eclipse-transforms train  --data D --output-dir O [...]    # train a denoiser on a sparse clean set
 eclipse-transforms bench  --data D --poisons lsp,ar --tier quick   # poisons x defenses -> table, chart
+                          [--report-only]                  # tabulate finished cells, train nothing
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import BenchConfig, run_bench
 
     config = _config_from_args(BenchConfig, args, progress=not args.no_progress)
-    results = run_bench(config)
+    results = run_bench(config, train=not args.report_only)
     print(format_table(results))
     out = Path(config.output_dir)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'} and {out / 'chart.png'}")
@@ -205,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="train classifiers on poisoned data under each defense; write table and chart")
     _add_config_options(p, BenchConfig, skip=("progress",))
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tabulate the cells already in --output-dir that match these settings",
+    )
     p.set_defaults(func=_cmd_bench)
     return parser
 

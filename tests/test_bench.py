@@ -158,6 +158,20 @@ def test_runner_end_to_end_and_resume(toy_cifar, tiny_folder, tmp_path, monkeypa
     run_bench(BenchConfig.from_dict({**config.to_dict(), "defenses": ["none"], "epochs": 2}))
     assert calls[1:] == ["clean/none", "urp/none", "ops/none"]
 
+    # Report only: trains nothing and tabulates just the cells run with these settings (the 2-epoch run
+    # replaced the 'none' cells, so the 1-epoch config now finds them stale and leaves them out).
+    del calls[:]
+    report = run_bench(config, train=False)
+    assert calls == []
+    assert {(c["poison"], c["defense"]) for c in report["cells"]} == {
+        (p, d) for p in ("clean", "urp", "ops") for d in config.defenses if d != "none"
+    }
+    assert json.loads((out / "results.json").read_text())["cells"] == report["cells"]
+    assert "| none | — | — | — | — |" in (out / "table.md").read_text()
+    two_epochs = BenchConfig.from_dict({**config.to_dict(), "epochs": 2, "poisons": ["ops"], "clean": False})
+    assert [(c["poison"], c["defense"]) for c in run_bench(two_epochs, train=False)["cells"]] == [("ops", "none")]
+    assert calls == []
+
 
 def test_report_with_missing_cells():
     results = {
@@ -185,6 +199,8 @@ def test_cli_bench_help():
 
     args = build_parser().parse_args(["bench", "--data", "d.npz", "--poisons", "lsp", "--widths", "8", "8", "8"])
     assert args.poisons == "lsp" and args.widths == [8, 8, 8] and args.tier == "quick"
+    assert not args.report_only
+    assert build_parser().parse_args(["bench", "--data", "d.npz", "--report-only"]).report_only
 
 
 def test_defense_context_defaults():

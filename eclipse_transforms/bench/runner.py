@@ -219,7 +219,8 @@ class _Run:
     def cell_key(self, poison: str, defense_options: dict[str, Any], defense: str) -> str:
         return digest(self.data_key, poison, defense, defense_options, self.recipe.to_dict(), self.config.seed)
 
-    def run_cell(self, poison: str, defense_name: str) -> dict[str, Any]:
+    def run_cell(self, poison: str, defense_name: str, train: bool = True) -> dict[str, Any] | None:
+        """The cell's result: from ``cells/`` if it was run with these settings, else trained now (or None)."""
         defense = get_defense(defense_name, self.context)
         key = self.cell_key(poison, defense.options, defense_name)
         path = self.cell_path(poison, defense_name)
@@ -228,9 +229,13 @@ class _Run:
                 cell = json.loads(path.read_text())
                 if cell.get("key") == key:
                     return cell
-                logger.info("cell %s was run with other settings; re-running it", path.name)
+                logger.info(
+                    "cell %s was run with other settings; %s", path.name, "re-running it" if train else "left out"
+                )
             except json.JSONDecodeError:
-                logger.warning("cell %s is unreadable; re-running it", path)
+                logger.warning("cell %s is unreadable; %s", path, "re-running it" if train else "left out")
+        if not train:
+            return None
         images, poison_seconds, poison_report = self.poisoned(poison)
         start = time.perf_counter()
         if defense.prepare is not None:
@@ -282,30 +287,44 @@ class _Run:
         return cell
 
 
-def run_bench(config: BenchConfig) -> dict[str, Any]:
+def run_bench(config: BenchConfig, *, train: bool = True) -> dict[str, Any]:
     """Run (or resume) every cell of ``config`` and write results.json, table.md and chart.png.
+
+    Args:
+        config: the bench run.
+        train: ``False`` trains nothing: the outputs tabulate the cells already in ``cells/`` that were run with
+            ``config``'s settings (a table assembled from several runs over the same output folder); the others
+            show as missing.
 
     Returns:
         the results dictionary written to ``results.json``.
     """
     run = _Run(config)
     run.out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run.out / "bench_config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+    if train:
+        _atomic_write(run.out / "bench_config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
     columns = ([CLEAN] if config.clean else []) + list(config.poisons)
-    cells = []
+    results: dict[str, Any] = {
+        "config": config.to_dict(),
+        "tier": {"name": config.tier, "about": TIERS[config.tier].about},
+        "recipe": run.recipe.to_dict(),
+        "columns": columns,
+        "defenses": list(config.defenses),
+        "cells": [],
+        "version": __version__,
+    }
     for poison in columns:
         for defense in config.defenses:
-            cells.append(run.run_cell(poison, defense))
-            results = {
-                "config": config.to_dict(),
-                "tier": {"name": config.tier, "about": TIERS[config.tier].about},
-                "recipe": run.recipe.to_dict(),
-                "columns": columns,
-                "defenses": list(config.defenses),
-                "cells": cells,
-                "version": __version__,
-            }
-            _atomic_write(run.out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-            write_table(results, run.out / "table.md")
-            write_chart(results, run.out / "chart.png")  # after every cell, so a long run shows its progress
+            cell = run.run_cell(poison, defense, train=train)
+            if cell is not None:
+                results["cells"].append(cell)
+                if train:  # after every cell, so a long run shows its progress
+                    _write_outputs(results, run.out)
+    _write_outputs(results, run.out)
     return results
+
+
+def _write_outputs(results: dict[str, Any], out: Path) -> None:
+    _atomic_write(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    write_table(results, out / "table.md")
+    write_chart(results, out / "chart.png")
