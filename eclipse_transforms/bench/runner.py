@@ -168,9 +168,10 @@ class _Run:
         test = load_image_set(config.data, split="test")
         idx = balanced_subset(train.labels, config.subset_size(), config.seed)
         self.images, self.labels = train.images[idx].contiguous(), train.labels[idx].contiguous()
-        exclude_file = config.exclude_test
+        exclude_file = shown = config.exclude_test
         if exclude_file is None and config.weights is None and bundled_weights_path() is not None:
             exclude_file = str(bundled_weights_path().parent / "cifar10_sparse_indices.json")
+            shown = "bundled weights/cifar10_sparse_indices.json"  # not this machine's absolute path
         exclude = load_indices(exclude_file) if exclude_file else []
         keep = torch.from_numpy(np.setdiff1d(np.arange(len(test.labels)), np.asarray(exclude, dtype=np.int64)))
         self.test_images, self.test_labels = test.images[keep].contiguous(), test.labels[keep].contiguous()
@@ -183,7 +184,7 @@ class _Run:
             device=config.device,
             progress=config.progress,
         )
-        self.test_info = {"test_images": len(keep), "excluded_test_images": len(exclude), "exclude_file": exclude_file}
+        self.test_info = {"test_images": len(keep), "excluded_test_images": len(exclude), "exclude_file": shown}
 
     def poisoned(self, poison: str) -> tuple[torch.Tensor, float, dict[str, Any] | None]:
         """The poisoned training set (cached), the seconds it took now (0 if cached) and the crafting report."""
