@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from eclipse_transforms import Denoiser, load_denoiser
 from eclipse_transforms import functional as EF
 from eclipse_transforms._data import load_image_set
 from eclipse_transforms._images import index_generators, quantize
+from eclipse_transforms._machine import hardware_name
 from eclipse_transforms.denoiser import bundled_weights_path
 from eclipse_transforms.training.card import QUALITY_NAME, write_model_card
 from eclipse_transforms.training.config import TrainConfig
@@ -186,7 +186,7 @@ def main() -> None:
             "num_images": args.num_images,
             "t_star": args.t_star,
             "batch_size": args.batch_size,
-            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+            "hardware": hardware_name(),
             "rows": [{**r, "psnr": None if math.isnan(r["psnr"]) else r["psnr"]} for r in rows],
             "notes": [
                 "Settings with more than 10 steps are measured on the timed batch of "

@@ -137,6 +137,7 @@ def test_runner_end_to_end_and_resume(toy_cifar, tiny_folder, tmp_path, monkeypa
     for cell in results["cells"]:
         assert 0 <= cell["test_accuracy"] <= 1 and cell["test_images"] == 12 and cell["train_images"] == 36
         assert cell["recipe"]["epochs"] == 1 and cell["version"]
+        assert cell["machine"].endswith(f"{torch.get_num_threads()} torch threads, cpu")  # where timings came from
     saved = json.loads((out / "results.json").read_text())
     assert saved["cells"] == results["cells"]
     table = (out / "table.md").read_text()

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save
 
 from .._cache import _atomic_write
 from .._data import load_image_set, load_indices
+from .._machine import hardware_name
 from .._version import __version__
 from ..dataset import default_cache_dir
 from ..denoiser import bundled_weights_path
@@ -279,7 +280,7 @@ class _Run:
             "parameters": result["parameters"],
             "version": __version__,
             "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {self.config.device}",
+            "machine": f"{platform.machine()}, {hardware_name(self.config.device)}, {self.config.device}",
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         path.parent.mkdir(parents=True, exist_ok=True)

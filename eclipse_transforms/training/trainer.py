@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .._data import load_image_set, load_indices
 from .._images import derive_seed
+from .._machine import hardware_name
 from ..denoiser import Denoiser
 from .card import write_model_card
 from .config import TrainConfig
@@ -221,11 +221,10 @@ def train(
     use_bf16 = device.type == "cuda"
     start_step, run_start = state["step"], time.perf_counter()
     last_ckpt = run_start
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     run_info = {
         "start_step": start_step,
         "device": str(device),
-        "hardware": hardware,
+        "hardware": hardware_name(device),
         "torch_threads": torch.get_num_threads(),
     }
     bar = tqdm(total=config.max_steps, initial=start_step, disable=not progress, desc="train", unit="step")
