@@ -255,3 +255,22 @@ def test_runner_on_real_cifar10_holds_out_the_sparse_set(tmp_path):
     assert {c["test_images"] for c in results["cells"]} == {8000}  # 10,000 minus the 2,000 sparse-set images
     assert {c["train_images"] for c in results["cells"]} == {100}
     assert "| eclipse |" in (tmp_path / "out" / "table.md").read_text()
+
+
+@pytest.mark.cifar
+def test_committed_standard_cells_match_the_current_keys():
+    """A change to the runner's keys would silently retrain (or orphan) every committed result."""
+    from pathlib import Path
+
+    from .conftest import cifar_npz
+
+    path = cifar_npz()
+    if path is None:
+        pytest.skip("real CIFAR-10 not found: set ECLIPSE_CIFAR10 or put cifar10.npz in ../shared/data/cifar10/")
+    folder = Path(__file__).resolve().parents[1] / "examples" / "results" / "standard" / "cells"
+    cells = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    assert cells, f"no committed cells in {folder}"
+    run = runner._Run(BenchConfig(data=str(path), tier="standard", progress=False))
+    for cell in cells:
+        defense = get_defense(cell["defense"], run.context)
+        assert run.cell_key(cell["poison"], defense.options, cell["defense"]) == cell["key"], cell["poison"]

@@ -195,3 +195,32 @@ def test_rem_budget_determinism_and_resume(data, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 2
     assert torch.equal(rem(images, labels, config=REM_TINY, progress=False, work_dir=tmp_path), expected)
     assert json.loads((tmp_path / "report.json").read_text())["train_steps"] == 4
+
+
+def test_recalibrate_bn_replaces_stale_statistics_with_exact_averages():
+    from eclipse_transforms.bench.crafting import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    bn = model[1]
+    bn.running_mean.fill_(5.0)  # stale statistics, as after a few training batches
+    bn.running_var.fill_(9.0)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    images = torch.randint(0, 256, (32, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    delta = (torch.rand(images.shape, generator=torch.Generator().manual_seed(2)) - 0.5) * 0.06
+    recalibrate_bn(model, images, delta, num_batches=4, batch_size=8, seed=3)  # 4 x 8 = every image once
+    with torch.no_grad():
+        features = model[0]((images.float() / 255 + delta).clamp(0, 1))
+    assert torch.allclose(bn.running_mean, features.mean((0, 2, 3)), atol=1e-5)
+    # Equal-size batches: the mean of per-batch unbiased variances, close to the pooled variance.
+    assert torch.allclose(bn.running_var, features.var((0, 2, 3)), rtol=0.1)
+    assert not model.training and bn.momentum == 0.1  # left in eval mode, momentum restored
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # weights untouched
+
+
+def test_em_config_is_part_of_the_bench_keys():
+    from eclipse_transforms.bench.runner import poison_settings
+
+    assert poison_settings("em") == EMConfig().to_dict() and EMConfig().bn_recalibration == 8
+    assert poison_settings("adp")["em"]["bn_recalibration"] == 8
+    assert poison_settings("lsp") is None  # model-free poisons keep the keys of their committed cells

@@ -37,6 +37,7 @@ __all__ = [
     "surrogate",
     "sgd",
     "train_batches",
+    "recalibrate_bn",
     "perturbed",
     "accuracy",
 ]
@@ -168,6 +169,47 @@ def train_batches(
         opt.step()
         total += loss.item()
     return total / max(num_batches, 1)
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    delta: torch.Tensor,
+    num_batches: int,
+    batch_size: int,
+    seed: int,
+    view: View | None = None,
+) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``x + δ``, then leave ``model`` in eval mode.
+
+    A surrogate trained for only a few batches between perturbation passes (EM's min-min) has running statistics
+    that lag far behind its weights: measured on EM's compact surrogate after 30 batches, eval mode predicted one
+    class for 91 % of the images (11.6 % accuracy) while the same weights with batch statistics reached 44 %.
+    Optimising ``δ`` against that eval-mode network is optimising against a network nobody trained. Here the
+    statistics are replaced by exact averages (``momentum=None``) over ``num_batches`` random batches of
+    ``x + δ`` (through ``view`` if given); the weights are untouched.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or num_batches < 1:
+        model.eval()
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch counts equally
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=g)[: num_batches * batch_size]
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        x = perturbed(images[idx], delta[idx])
+        if view is not None:
+            x = view(x, g)
+        model(x.contiguous(memory_format=torch.channels_last))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
 
 
 @torch.no_grad()

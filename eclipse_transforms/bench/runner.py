@@ -159,6 +159,14 @@ def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.
     return torch.from_numpy(np.sort(np.concatenate(picked)))
 
 
+def poison_settings(poison: str) -> dict[str, Any] | None:
+    """The default ``config`` of a model-based poison as a dict (part of its cache and cell keys), else None."""
+    param = inspect.signature(get_poison(poison)).parameters.get("config")
+    if param is None or not hasattr(param.default, "to_dict"):
+        return None
+    return param.default.to_dict()
+
+
 class _Run:
     def __init__(self, config: BenchConfig) -> None:
         self.config = config
@@ -191,7 +199,9 @@ class _Run:
         """The poisoned training set (cached), the seconds it took now (0 if cached) and the crafting report."""
         if poison == CLEAN:
             return self.images, 0.0, None
-        key = digest(poison, self.config.seed, __version__, self.images, self.labels)
+        settings = poison_settings(poison)
+        extra = () if settings is None else (settings,)  # model-free keys are unchanged
+        key = digest(poison, self.config.seed, __version__, *extra, self.images, self.labels)
         path = self.cache / "poisoned" / f"{poison}-{key}.safetensors"
         report_path = path.with_suffix(".work") / "report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
@@ -219,7 +229,9 @@ class _Run:
         return self.out / "cells" / f"{poison}__{defense}.json"
 
     def cell_key(self, poison: str, defense_options: dict[str, Any], defense: str) -> str:
-        return digest(self.data_key, poison, defense, defense_options, self.recipe.to_dict(), self.config.seed)
+        settings = poison_settings(poison) if poison != CLEAN else None
+        extra = () if settings is None else (settings,)  # a changed crafting config retrains the cell
+        return digest(self.data_key, poison, defense, defense_options, self.recipe.to_dict(), self.config.seed, *extra)
 
     def run_cell(self, poison: str, defense_name: str, train: bool = True) -> dict[str, Any] | None:
         """The cell's result: from ``cells/`` if it was run with these settings, else trained now (or None)."""
