@@ -61,7 +61,7 @@ TIERS: dict[str, Tier] = {
     "quick": Tier(
         10_000,
         Recipe(model="compact", widths=(32, 64, 128), epochs=15),
-        "class-balanced 10,000-image subset, 0.30 M-parameter compact CNN, 15 epochs (~70 s per cell on 2 cores)",
+        "class-balanced 10,000-image subset, 0.30 M-parameter compact CNN, 15 epochs",
     ),
     "standard": Tier(
         None,
