@@ -167,6 +167,12 @@ def poison_settings(poison: str) -> dict[str, Any] | None:
     return param.default.to_dict()
 
 
+def _settings_key(poison: str) -> tuple[dict[str, Any], ...]:
+    """What a poison adds to the cache and cell keys: its crafting config, or nothing (model-free keys unchanged)."""
+    settings = None if poison == CLEAN else poison_settings(poison)
+    return () if settings is None else (settings,)
+
+
 class _Run:
     def __init__(self, config: BenchConfig) -> None:
         self.config = config
@@ -199,9 +205,7 @@ class _Run:
         """The poisoned training set (cached), the seconds it took now (0 if cached) and the crafting report."""
         if poison == CLEAN:
             return self.images, 0.0, None
-        settings = poison_settings(poison)
-        extra = () if settings is None else (settings,)  # model-free keys are unchanged
-        key = digest(poison, self.config.seed, __version__, *extra, self.images, self.labels)
+        key = digest(poison, self.config.seed, __version__, *_settings_key(poison), self.images, self.labels)
         path = self.cache / "poisoned" / f"{poison}-{key}.safetensors"
         report_path = path.with_suffix(".work") / "report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
@@ -229,9 +233,8 @@ class _Run:
         return self.out / "cells" / f"{poison}__{defense}.json"
 
     def cell_key(self, poison: str, defense_options: dict[str, Any], defense: str) -> str:
-        settings = poison_settings(poison) if poison != CLEAN else None
-        extra = () if settings is None else (settings,)  # a changed crafting config retrains the cell
-        return digest(self.data_key, poison, defense, defense_options, self.recipe.to_dict(), self.config.seed, *extra)
+        parts = (self.data_key, poison, defense, defense_options, self.recipe.to_dict(), self.config.seed)
+        return digest(*parts, *_settings_key(poison))  # a changed crafting config retrains the cell
 
     def run_cell(self, poison: str, defense_name: str, train: bool = True) -> dict[str, Any] | None:
         """The cell's result: from ``cells/`` if it was run with these settings, else trained now (or None)."""
@@ -334,7 +337,8 @@ def run_bench(config: BenchConfig, *, train: bool = True) -> dict[str, Any]:
                 results["cells"].append(cell)
                 if train:  # after every cell, so a long run shows its progress
                     _write_outputs(results, run.out)
-    _write_outputs(results, run.out)
+    if not train or not results["cells"]:
+        _write_outputs(results, run.out)
     return results
 
 
