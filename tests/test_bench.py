@@ -85,6 +85,45 @@ def test_train_classifier_learns_a_separable_toy_problem():
     assert a["test_accuracy"] == b["test_accuracy"]  # seeded end to end
 
 
+def test_training_resumes_from_its_epoch_checkpoint_bit_identically(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(96) % 3
+    images = torch.randint(0, 256, (96, 3, 16, 16), generator=g, dtype=torch.uint8)
+    recipe = Recipe(widths=(8, 8, 8), epochs=4, batch_size=32, crop_padding=2)
+
+    def noisy(x, generator):  # an epoch transform drawing from the epoch's generator, like the compensation
+        return (x + 0.05 * torch.randn(x.shape, generator=generator)).clamp(0, 1)
+
+    def fit(**kw):
+        model, stats = classifier.fit_classifier(images, labels, recipe, epoch_transform=noisy, progress=False, **kw)
+        return model.state_dict(), stats
+
+    whole, _ = fit()
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_second_epoch(epoch, model):
+        if epoch == 2:
+            raise Interrupt  # before epoch 2's state is saved: the resume redoes it
+
+    with pytest.raises(Interrupt):
+        fit(checkpoint=tmp_path / "run", on_epoch=stop_after_second_epoch)
+    saved = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert saved["epoch"] == 1
+    seen = []
+    resumed, stats = fit(checkpoint=tmp_path / "run", on_epoch=lambda e, m: seen.append(e))
+    assert seen == [2, 3]  # epochs 0 and 1 were not trained again
+    assert resumed.keys() == whole.keys()
+    for k in whole:
+        assert torch.equal(resumed[k], whole[k]), k
+    assert stats["train_seconds"] > saved["seconds"] > 0  # both parts counted
+    # The same folder with another seed is a different run: it starts over instead of resuming.
+    other, _ = fit(checkpoint=tmp_path / "run", seed=5)
+    fresh, _ = fit(seed=5)
+    assert all(torch.equal(other[k], fresh[k]) for k in fresh)
+
+
 def test_recipe_and_config_validation():
     with pytest.raises(ValueError, match="recipe epochs must be >= 1"):
         Recipe(epochs=0)
@@ -146,6 +185,7 @@ def test_runner_end_to_end_and_resume(toy_cifar, tiny_folder, tmp_path, monkeypa
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((tmp_path / "cache" / "poisoned").glob("*.safetensors"))) == 2
     assert (tmp_path / "cache" / "purified").is_dir()
+    assert not any((tmp_path / "cache" / "training").iterdir())  # per-epoch checkpoints go once a cell is written
 
     # A re-run trains nothing; a damaged cell and a changed recipe retrain just what they touch.
     calls = []

@@ -44,7 +44,7 @@ __all__ = [
 
 
 class CraftState:
-    """A checkpoint folder for one crafting run; ``meta`` (the settings) must match to resume."""
+    """A checkpoint folder for one long run (crafting, or a bench cell's training); ``meta`` must match to resume."""
 
     def __init__(self, work_dir: str | os.PathLike | None, meta: dict[str, Any]) -> None:
         self.path = Path(work_dir).expanduser() / "state.pt" if work_dir is not None else None
@@ -56,10 +56,10 @@ class CraftState:
         try:
             state = torch.load(self.path, weights_only=True, map_location="cpu")
         except Exception as e:  # a damaged checkpoint restarts the run, never corrupts it
-            logger.warning("crafting checkpoint %s is unreadable (%s); starting over", self.path, e)
+            logger.warning("checkpoint %s is unreadable (%s); starting over", self.path, e)
             return None
         if state.get("meta") != self.meta:
-            logger.warning("crafting checkpoint %s was made with other settings; starting over", self.path)
+            logger.warning("checkpoint %s was made with other settings; starting over", self.path)
             return None
         return state
 
@@ -75,6 +75,11 @@ class CraftState:
         buf = io.BytesIO()
         torch.save({**state, "meta": self.meta}, buf)
         _atomic_write(self.path, buf.getvalue())
+
+    def clear(self) -> None:
+        """Delete the checkpoint (once what it was for has been written elsewhere)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def digest(*parts: Any) -> str:

@@ -10,7 +10,9 @@ Layout of ``output_dir``::
 
 Poisoned training sets are cached in ``<cache_dir>/poisoned`` (one safetensors file each, written atomically) and
 purified sets through :class:`~eclipse_transforms.PurifiedDataset`, so a re-run only trains cells that are missing
-and an interrupted run resumes where it stopped (a cell is written only when its training finished).
+and an interrupted run resumes where it stopped: a cell's training keeps its state after every epoch in
+``<cache_dir>/training/<cell key>/`` (deleted once the cell is written), and a cell is written only when its
+training finished.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import inspect
 import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +275,7 @@ class _Run:
             progress=self.config.progress,
             desc=f"{poison}/{defense_name}",
             device=self.config.device,
+            checkpoint=self.cache / "training" / key,  # per-epoch state: an interrupted cell resumes
         )
         cell = {
             "poison": poison,
@@ -300,6 +304,7 @@ class _Run:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, (json.dumps(cell, indent=2) + "\n").encode())
+        shutil.rmtree(self.cache / "training" / key, ignore_errors=True)
         logger.info("%s / %s: test accuracy %.4f", poison, defense_name, cell["test_accuracy"])
         return cell
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ def _surrogate(
         seed=derive_seed("tap", seed),
         progress=progress,
         desc="tap surrogate",
+        checkpoint=path.with_suffix(".work") if path is not None else None,  # per-epoch: resumable
     )
     logger.info("tap surrogate: train accuracy %.4f in %.0f s", stats["train_accuracy"], stats["train_seconds"])
     if path is not None:
@@ -83,6 +85,7 @@ def _surrogate(
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, path)
+        shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
     return model
 
 
