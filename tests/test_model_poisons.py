@@ -78,6 +78,32 @@ def test_em_resume_after_interruption_equals_uninterrupted(data, tmp_path, monke
     assert torch.equal(em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path), expected)
 
 
+def test_em_resume_inside_a_perturbation_pass_equals_uninterrupted(data, tmp_path, monkeypatch):
+    images, labels = data  # 40 images in batches of 16: a pass has three batches
+    expected = em(images, labels, seed=0, config=TINY, progress=False)
+    monkeypatch.setattr(em_module, "SAVE_EVERY_SECONDS", -1.0)  # checkpoint at every batch boundary
+    real_save, inside = em_module.CraftState.save, []
+
+    def crash_after_second_inside_save(self, state):
+        real_save(self, state)
+        if "minimise_from" in state:
+            inside.append((state["round"], state["minimise_from"]))
+            if len(inside) == 3:  # round 2 (index 1), after its first batch
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(em_module.CraftState, "save", crash_after_second_inside_save)
+    with pytest.raises(KeyboardInterrupt):
+        em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path)
+    assert inside == [(0, 16), (0, 32), (1, 16)]
+    calls = []
+    real_train = em_module.train_batches
+    monkeypatch.setattr(em_module, "train_batches", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    monkeypatch.setattr(em_module.CraftState, "save", real_save)
+    resumed = em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path)
+    assert len(calls) == 1  # round 2 went on where it stopped (no retraining); only round 3 trained
+    assert torch.equal(resumed, expected)
+
+
 TAP_TINY = TAPConfig(iterations=3, restarts=2, batch_size=8, shard_size=16, surrogate_epochs=1, widths=(8, 8, 8))
 
 

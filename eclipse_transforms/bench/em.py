@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +79,11 @@ class EMConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+#: Seconds between checkpoints *inside* a perturbation pass (one pass over 50,000 images is about half an hour on
+#: 2 CPU cores, hours for the adaptive attack). Not a setting of the poison: where a run resumes never changes it.
+SAVE_EVERY_SECONDS = 600.0
+
+
 def _minimise(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -85,11 +92,21 @@ def _minimise(
     config: EMConfig,
     view: View | None = None,
     seed: int = 0,
+    start: int = 0,
+    save: Callable[[int], None] | None = None,
 ) -> None:
-    """Step 2: ``pgd_steps`` error-minimizing signed steps on every image, in place on ``delta``."""
+    """Step 2: ``pgd_steps`` error-minimizing signed steps on every image from ``start`` on, in place on ``delta``.
+
+    Every batch draws its randomness from ``(seed, batch start, step)``, so a pass resumed at any batch boundary
+    ends as an uninterrupted one; ``save(next_start)`` is called every :data:`SAVE_EVERY_SECONDS`.
+    """
     freeze(model.eval())
     x_all = images.float() / 255
-    for s in range(0, len(images), config.batch_size):
+    last_save = time.monotonic()
+    for s in range(start, len(images), config.batch_size):
+        if save is not None and s > start and time.monotonic() - last_save > SAVE_EVERY_SECONDS:
+            save(s)
+            last_save = time.monotonic()
         x, y = x_all[s : s + config.batch_size], labels[s : s + config.batch_size]
         d = delta[s : s + config.batch_size].clone()
         for step in range(config.pgd_steps):
@@ -133,31 +150,59 @@ def min_min(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
     delta, cursor = state["delta"], dict(state["cursor"])
+    # A checkpoint taken inside a perturbation pass: the surrogate is already trained and recalibrated for it.
+    resume_at = state.get("minimise_from", 0)
     bar = tqdm(total=config.max_rounds, initial=state["round"], desc=name, unit="round", disable=not progress)
     while not state["done"] and state["round"] < config.max_rounds:
         r = state["round"]
-        train_batches(
+        if not resume_at:
+            train_batches(
+                model,
+                opt,
+                images,
+                labels,
+                delta,
+                cursor,
+                config.train_batches,
+                config.batch_size,
+                derive_seed(f"{name}-data", seed),
+                view=view,
+            )
+            recalibrate_bn(
+                model,
+                images,
+                delta,
+                config.bn_recalibration,
+                config.batch_size,
+                derive_seed(f"{name}-bn", seed, r),
+                view=view,
+            )
+
+        def save_inside_pass(position: int, r: int = r, round_state: dict[str, Any] = state) -> None:
+            store.save(
+                {
+                    **round_state,
+                    "delta": delta,
+                    "cursor": dict(cursor),
+                    "minimise_from": position,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                }
+            )
+            logger.info("%s round %d: checkpoint at image %d of %d", name, r + 1, position, len(images))
+
+        _minimise(
             model,
-            opt,
             images,
             labels,
             delta,
-            cursor,
-            config.train_batches,
-            config.batch_size,
-            derive_seed(f"{name}-data", seed),
+            config,
             view=view,
+            seed=derive_seed(name, seed, r),
+            start=resume_at,
+            save=save_inside_pass if store.path is not None else None,
         )
-        recalibrate_bn(
-            model,
-            images,
-            delta,
-            config.bn_recalibration,
-            config.batch_size,
-            derive_seed(f"{name}-bn", seed, r),
-            view=view,
-        )
-        _minimise(model, images, labels, delta, config, view=view, seed=derive_seed(name, seed, r))
+        resume_at = 0
         acc = accuracy(model, images, labels, delta, view=view, seed=derive_seed(name, seed, r))
         state = {
             "delta": delta,
