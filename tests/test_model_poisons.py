@@ -9,6 +9,7 @@ import torch
 
 from eclipse_transforms.bench import em as em_module
 from eclipse_transforms.bench import rem as rem_module
+from eclipse_transforms.bench import sep as sep_module
 from eclipse_transforms.bench import tap as tap_module
 from eclipse_transforms.bench.adp import ADPConfig, adp
 from eclipse_transforms.bench.em import EMConfig, em
@@ -160,6 +161,34 @@ def test_sep_budget_determinism_snapshots_and_resume(data, tmp_path):
     assert torch.equal(sep(images, labels, config=config, progress=False, work_dir=tmp_path), out)
     with pytest.raises(ValueError, match="checkpoints=4 needs at least as many surrogate_epochs"):
         sep(images, labels, config=SEPConfig(checkpoints=4, surrogate_epochs=2), progress=False)
+
+
+def test_sep_resumes_its_surrogate_training(data, tmp_path, monkeypatch):
+    images, labels = data
+    config = SEPConfig(iterations=2, checkpoints=2, surrogate_epochs=3, batch_size=8, shard_size=40, widths=(8, 8, 8))
+    expected = sep(images, labels, config=config, progress=False)  # snapshots after epochs 1 and 2
+    real_fit, redone = sep_module.fit_classifier, []
+
+    def interrupted_at_the_last_epoch(*args, on_epoch, **kwargs):
+        def stop(epoch, model):
+            if epoch == 2:
+                raise KeyboardInterrupt  # snapshot 1 is on disk, epoch 2 not yet checkpointed
+            on_epoch(epoch, model)
+
+        return real_fit(*args, on_epoch=stop, **kwargs)
+
+    monkeypatch.setattr(sep_module, "fit_classifier", interrupted_at_the_last_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        sep(images, labels, config=config, progress=False, work_dir=tmp_path)
+    assert not list(tmp_path.glob("snapshots-*.safetensors"))
+    monkeypatch.setattr(
+        sep_module,
+        "fit_classifier",
+        lambda *a, on_epoch, **k: real_fit(*a, on_epoch=lambda e, m: redone.append(e) or on_epoch(e, m), **k),
+    )
+    assert torch.equal(sep(images, labels, config=config, progress=False, work_dir=tmp_path), expected)
+    assert redone == [2]  # epochs 0 and 1 were not trained again
+    assert len(list(tmp_path.glob("snapshots-*.safetensors"))) == 1 and not list(tmp_path.glob("*.work"))
 
 
 def test_adp_crafts_through_the_defense(data, tiny_folder, tmp_path):

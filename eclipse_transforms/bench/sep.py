@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,11 +78,21 @@ def _snapshots(
             epoch, name = key.split("/", 1)
             states.setdefault(int(epoch), {})[name] = value
     else:
+        # While training, each kept snapshot is also written to ``work`` beside the per-epoch checkpoint, so an
+        # interrupted run resumes its training and still has the snapshots of the epochs it does not redo.
+        work = path.with_suffix(".work") if path is not None else None
         states = {}
+        for e in keep:
+            if work is not None and (work / f"epoch-{e}.safetensors").is_file():
+                states[e] = load_file(work / f"epoch-{e}.safetensors")
 
         def on_epoch(epoch: int, model: torch.nn.Module) -> None:
             if epoch in keep:
-                states[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                states[epoch] = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+                if work is not None:
+                    work.mkdir(parents=True, exist_ok=True)
+                    save_file(states[epoch], work / f"epoch-{epoch}.tmp")
+                    os.replace(work / f"epoch-{epoch}.tmp", work / f"epoch-{epoch}.safetensors")
 
         fit_classifier(
             images,
@@ -92,11 +103,13 @@ def _snapshots(
             progress=progress,
             desc="sep surrogate",
             on_epoch=on_epoch,
+            checkpoint=work,
         )
         if path is not None:
             tmp = path.with_suffix(".tmp")
-            save_file({f"{e}/{k}": v.contiguous() for e, s in states.items() for k, v in s.items()}, tmp)
+            save_file({f"{e}/{k}": v for e, s in states.items() for k, v in s.items()}, tmp)
             os.replace(tmp, path)
+            shutil.rmtree(work, ignore_errors=True)
     models = []
     for epoch in sorted(states):
         model = build_model("compact", config.widths, num_classes)
