@@ -63,6 +63,21 @@ def test_compensation_defense_is_seeded_and_bounded():
     assert (a - x).std() == pytest.approx(0.05, rel=0.1)
 
 
+def test_purifying_defenses_cache_through_purified_dataset(tiny_folder, tmp_path):
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(6) % 2
+    context = DefenseContext(weights=str(tiny_folder), cache_dir=str(tmp_path), t_star=6, progress=False)
+    fast = get_defense("eclipse", context).prepare(images, labels)
+    paper = get_defense("eclipse-paper-sampler", context).prepare(images, labels)
+    assert fast.dtype == paper.dtype == torch.uint8 and fast.shape == paper.shape == images.shape
+    assert not torch.equal(fast, paper)  # 4 steps vs t* = 6 ancestral steps
+    sizes = sorted(
+        json.loads((m.parent / "manifest.json").read_text())["meta"]["shard_size"]
+        for m in tmp_path.glob("*/manifest.json")
+    )
+    assert sizes == [512, 4096]  # the 25x costlier paper sampler checkpoints in smaller shards
+
+
 def test_balanced_subset():
     labels = torch.arange(100) % 4
     idx = balanced_subset(labels, 20, seed=0)
