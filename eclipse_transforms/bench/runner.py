@@ -2,7 +2,7 @@
 
 Layout of ``output_dir``::
 
-    bench_config.json        # the resolved BenchConfig of the last run
+    bench_config.json        # the resolved BenchConfig of the last run (training or --report-only)
     cells/<poison>__<defense>.json
     results.json             # every cell of this config, with its config, seed, timings and library version
     table.md                 # rows = defenses, columns = clean, poisons, mean over poisons
@@ -323,8 +323,7 @@ def run_bench(config: BenchConfig, *, train: bool = True) -> dict[str, Any]:
     """
     run = _Run(config)
     run.out.mkdir(parents=True, exist_ok=True)
-    if train:
-        _atomic_write(run.out / "bench_config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+    _atomic_write(run.out / "bench_config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
     columns = ([CLEAN] if config.clean else []) + list(config.poisons)
     results: dict[str, Any] = {
         "config": config.to_dict(),
