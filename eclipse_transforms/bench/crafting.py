@@ -76,11 +76,6 @@ class CraftState:
         torch.save({**state, "meta": self.meta}, buf)
         _atomic_write(self.path, buf.getvalue())
 
-    def clear(self) -> None:
-        """Delete the checkpoint (once what it was for has been written elsewhere)."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-
 
 def digest(*parts: Any) -> str:
     """A short sha256 of tensors (their bytes) and JSON-able settings, in order: cache keys and fingerprints."""

@@ -262,6 +262,7 @@ class _Run:
             images = defense.prepare(images, self.labels)
         prepare_seconds = time.perf_counter() - start
         recipe = self.recipe
+        work = self.cache / "training" / key  # the training's per-epoch state: an interrupted cell resumes
         if defense.adversarial_epsilon:
             recipe = dataclasses.replace(recipe, adversarial_epsilon=defense.adversarial_epsilon)
         result = train_classifier(
@@ -275,7 +276,7 @@ class _Run:
             progress=self.config.progress,
             desc=f"{poison}/{defense_name}",
             device=self.config.device,
-            checkpoint=self.cache / "training" / key,  # per-epoch state: an interrupted cell resumes
+            checkpoint=work,
         )
         cell = {
             "poison": poison,
@@ -304,7 +305,7 @@ class _Run:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, (json.dumps(cell, indent=2) + "\n").encode())
-        shutil.rmtree(self.cache / "training" / key, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         logger.info("%s / %s: test accuracy %.4f", poison, defense_name, cell["test_accuracy"])
         return cell
 

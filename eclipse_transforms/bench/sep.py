@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as nnf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
+from .._cache import _atomic_write
 from .._images import derive_seed, quantize
 from .classifier import Recipe, fit_classifier
 from .crafting import craft_in_shards, crafting_meta, digest, freeze, work_root
@@ -91,8 +92,7 @@ def _snapshots(
                 states[epoch] = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
                 if work is not None:
                     work.mkdir(parents=True, exist_ok=True)
-                    save_file(states[epoch], work / f"epoch-{epoch}.tmp")
-                    os.replace(work / f"epoch-{epoch}.tmp", work / f"epoch-{epoch}.safetensors")
+                    _atomic_write(work / f"epoch-{epoch}.safetensors", save(states[epoch]))
 
         fit_classifier(
             images,
