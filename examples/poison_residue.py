@@ -5,8 +5,13 @@ For held-out CIFAR-10 test images x and a perturbation δ, with the *same* purif
 (0 % = the poison is gone, 100 % = untouched), plus PSNR(P(x + δ), x). Perturbations (model-free stand-ins for
 the real poisons, which the bench will generate): per-pixel uniform noise (URP-like, L∞ 8/255), 8x8 patch-constant
 noise (LSP-like, L2 1.30), and ±8/255 sign noise (the L∞ budget of EM/TAP/REM at its most energetic).
+``--poisoned`` measures real poisoned sets from the bench's cache instead (``<cache>/poisoned/<name>-<key>.safetensors``
+of a class-balanced training subset): δ is the poisoned image minus its clean original, on training images.
+``--t-star`` takes several values, to see how much more diffusion noise a poison needs.
 
     python examples/poison_residue.py --data ../shared/data/cifar10/cifar10.npz
+    python examples/poison_residue.py --poisoned ~/.cache/eclipse-transforms/bench/poisoned/rem-*.safetensors \
+        --t-star 100,200,300 --steps 4
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from eclipse_transforms import functional as EF
 from eclipse_transforms import load_denoiser
 from eclipse_transforms._data import load_image_set
 from eclipse_transforms._images import index_generators, quantize
+from eclipse_transforms.bench.runner import balanced_subset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,37 +44,73 @@ def perturbations(shape: tuple[int, ...], seed: int = 0) -> dict[str, torch.Tens
     return {"uniform Linf 8/255": uniform, "8x8 patches L2 1.30": patches, "sign +-8/255": sign}
 
 
+def bench_perturbations(files: list[str], train_labels: torch.Tensor, seed: int) -> tuple[np.ndarray, dict]:
+    """Training-set indices of each cached poisoned set's images and ``{name: uint8 poisoned images}``.
+
+    The bench caches a poisoned copy of its class-balanced subset (``balanced_subset(labels, n, seed)``); all files
+    must cover the same subset.
+    """
+    sets = {Path(f).name.split("-")[0]: load_file(f)["images"] for f in files}
+    sizes = {len(v) for v in sets.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"--poisoned: the files cover different subsets (sizes {sorted(sizes)}); pass one tier's.")
+    return balanced_subset(train_labels, sizes.pop(), seed).numpy(), sets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=None)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz"))
     parser.add_argument("--num-images", type=int, default=128)
     parser.add_argument("--paper-images", type=int, default=32, help="images for the slow 100-step sampler")
-    parser.add_argument("--t-star", type=int, default=100)
+    parser.add_argument("--t-star", default="100", help="comma-separated diffusion timesteps (default: 100)")
     parser.add_argument("--steps", default="1,2,4,10,paper")
+    parser.add_argument("--poisoned", nargs="+", default=None, help="bench-cached poisoned sets (.safetensors)")
+    parser.add_argument("--subset-seed", type=int, default=0, help="the bench's --seed that drew their subset")
     args = parser.parse_args()
+    t_stars = [int(t) for t in args.t_star.split(",")]
     den = load_denoiser(args.weights)
-    test = load_image_set(args.data, split="test")
-    sparse = json.loads((REPO / "weights" / "cifar10_sparse_indices.json").read_text())["indices"]
-    rest = np.setdiff1d(np.arange(len(test.images)), sparse)
-    held = np.sort(np.random.default_rng(2).choice(rest, args.num_images, replace=False))
-    clean = test.images[held].float() / 255
-    print(f"{'perturbation':<22} {'setting':<10} {'residue':>8} {'PSNR vs clean':>14} {'images':>7} {'s':>6}")
-    for name, delta in perturbations(tuple(clean.shape)).items():
-        poisoned = quantize((clean + delta).clamp(0, 1)).float() / 255
-        for spec in args.steps.split(","):
-            steps = None if spec == "paper" else int(spec)
-            n = args.paper_images if steps is None else len(clean)
-            gens = lambda n=n: index_generators(held[:n].tolist(), 0)  # noqa: E731
-            t0 = time.perf_counter()
-            a = EF.purify(poisoned[:n], den, args.t_star, steps=steps, generator=gens())
-            b = EF.purify(clean[:n], den, args.t_star, steps=steps, generator=gens())
-            seconds = time.perf_counter() - t0
-            d = (poisoned[:n] - clean[:n]).flatten(1).norm(dim=1)
-            residue = ((a - b).flatten(1).norm(dim=1) / d).mean().item()
-            mse = (quantize(a).float() / 255 - clean[:n]).pow(2).flatten(1).mean(1)
-            psnr = (10 * torch.log10(1 / mse)).mean().item()
-            print(f"{name:<22} {spec:<10} {100 * residue:>7.1f}% {psnr:>11.2f} dB {n:>7} {seconds:>6.0f}", flush=True)
+    rng = np.random.default_rng(2)
+    if args.poisoned:
+        train = load_image_set(args.data, split="train")
+        subset, sets = bench_perturbations(args.poisoned, train.labels, args.subset_seed)
+        pick = np.sort(rng.choice(len(subset), args.num_images, replace=False))
+        held, clean = subset[pick], train.images[subset[pick]].float() / 255
+        poisoned_sets = {name: images[pick].float() / 255 for name, images in sets.items()}
+    else:
+        test = load_image_set(args.data, split="test")
+        sparse = json.loads((REPO / "weights" / "cifar10_sparse_indices.json").read_text())["indices"]
+        held = np.sort(rng.choice(np.setdiff1d(np.arange(len(test.images)), sparse), args.num_images, replace=False))
+        clean = test.images[held].float() / 255
+        poisoned_sets = {
+            name: quantize((clean + delta).clamp(0, 1)).float() / 255
+            for name, delta in perturbations(tuple(clean.shape)).items()
+        }
+    header = (
+        f"{'perturbation':<22} {'t*':>4} {'setting':<10} {'residue':>8} {'PSNR vs clean':>14} {'images':>7} {'s':>6}"
+    )
+    print(header)
+    for name, poisoned in poisoned_sets.items():
+        gap = (poisoned - clean).abs().mean().item() * 255  # a few levels for a poison, ~60 for unrelated images
+        if args.poisoned and name != "cuda" and gap > 20:  # CUDA re-blurs the whole image; skip the check
+            raise ValueError(f"--poisoned {name}: mean |poisoned - clean| is {gap:.0f}/255; wrong --subset-seed?")
+        for t_star in t_stars:
+            for spec in args.steps.split(","):
+                steps = None if spec == "paper" else int(spec)
+                n = args.paper_images if steps is None else len(clean)
+                gens = lambda n=n: index_generators(held[:n].tolist(), 0)  # noqa: E731
+                t0 = time.perf_counter()
+                a = EF.purify(poisoned[:n], den, t_star, steps=steps, generator=gens())
+                b = EF.purify(clean[:n], den, t_star, steps=steps, generator=gens())
+                seconds = time.perf_counter() - t0
+                d = (poisoned[:n] - clean[:n]).flatten(1).norm(dim=1)
+                residue = ((a - b).flatten(1).norm(dim=1) / d).mean().item()
+                mse = (quantize(a).float() / 255 - clean[:n]).pow(2).flatten(1).mean(1)
+                psnr = (10 * torch.log10(1 / mse)).mean().item()
+                print(
+                    f"{name:<22} {t_star:>4} {spec:<10} {100 * residue:>7.1f}% {psnr:>11.2f} dB {n:>7} {seconds:>6.0f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
