@@ -2,11 +2,13 @@
 
 For held-out CIFAR-10 test images x and a perturbation δ, with the *same* purification noise for both:
     residue = ||P(x + δ) - P(x)||₂ / ||δ||₂
-(0 % = the poison is gone, 100 % = untouched), plus PSNR(P(x + δ), x). Perturbations (model-free stand-ins for
-the real poisons, which the bench will generate): per-pixel uniform noise (URP-like, L∞ 8/255), 8x8 patch-constant
-noise (LSP-like, L2 1.30), and ±8/255 sign noise (the L∞ budget of EM/TAP/REM at its most energetic).
-``--poisoned`` measures real poisoned sets from the bench's cache instead (``<cache>/poisoned/<name>-<key>.safetensors``
-of a class-balanced training subset): δ is the poisoned image minus its clean original, on training images.
+(0 % = the poison is gone, 100 % = untouched), plus PSNR(P(x + δ), x) and the share of δ's energy below 1/8
+cycle/pixel (diffusion noise is white and the denoiser keeps an image's low frequencies, so that share survives).
+Perturbations (model-free stand-ins for the real poisons): per-pixel uniform noise (URP-like, L∞ 8/255), 8x8
+patch-constant noise (LSP-like, L2 1.30), and ±8/255 sign noise (the L∞ budget of EM/TAP/REM at its most
+energetic). ``--poisoned`` measures real poisoned sets from the bench's cache instead
+(``<cache>/poisoned/<name>-<key>.safetensors`` of a class-balanced training subset): δ is the poisoned image minus
+its clean original, on training images.
 ``--t-star`` takes several values, to see how much more diffusion noise a poison needs.
 
     python examples/poison_residue.py --data ../shared/data/cifar10/cifar10.npz
@@ -42,6 +44,14 @@ def perturbations(shape: tuple[int, ...], seed: int = 0) -> dict[str, torch.Tens
     patches = patches / patches.flatten(1).norm(dim=1).view(n, 1, 1, 1) * (6 / 255) * (c * h * w) ** 0.5
     sign = (torch.randint(0, 2, shape, generator=g) * 2 - 1) * 8 / 255
     return {"uniform Linf 8/255": uniform, "8x8 patches L2 1.30": patches, "sign +-8/255": sign}
+
+
+def low_frequency_share(delta: torch.Tensor, cutoff: float = 1 / 8) -> float:
+    """Share of ``delta``'s energy at spatial frequencies below ``cutoff`` cycles/pixel (white noise: ~5 %)."""
+    h, w = delta.shape[-2:]
+    radius = torch.fft.fftfreq(h).view(-1, 1).hypot(torch.fft.fftfreq(w).view(1, -1))
+    power = torch.fft.fft2(delta).abs().pow(2).mean(dim=tuple(range(delta.dim() - 2)))
+    return (power[radius < cutoff].sum() / power.sum()).item()
 
 
 def bench_perturbations(files: list[str], train_labels: torch.Tensor, seed: int) -> tuple[np.ndarray, dict]:
@@ -86,14 +96,15 @@ def main() -> None:
             name: quantize((clean + delta).clamp(0, 1)).float() / 255
             for name, delta in perturbations(tuple(clean.shape)).items()
         }
-    header = (
-        f"{'perturbation':<22} {'t*':>4} {'setting':<10} {'residue':>8} {'PSNR vs clean':>14} {'images':>7} {'s':>6}"
+    print(
+        f"{'perturbation':<22} {'low-freq':>8} {'t*':>4} {'setting':<8} {'residue':>8} {'PSNR vs clean':>14} ", end=""
     )
-    print(header)
+    print(f"{'images':>7} {'s':>4}")
     for name, poisoned in poisoned_sets.items():
         gap = (poisoned - clean).abs().mean().item() * 255  # a few levels for a poison, ~60 for unrelated images
         if args.poisoned and name != "cuda" and gap > 20:  # CUDA re-blurs the whole image; skip the check
             raise ValueError(f"--poisoned {name}: mean |poisoned - clean| is {gap:.0f}/255; wrong --subset-seed?")
+        low = 100 * low_frequency_share(poisoned - clean)
         for t_star in t_stars:
             for spec in args.steps.split(","):
                 steps = None if spec == "paper" else int(spec)
@@ -107,10 +118,8 @@ def main() -> None:
                 residue = ((a - b).flatten(1).norm(dim=1) / d).mean().item()
                 mse = (quantize(a).float() / 255 - clean[:n]).pow(2).flatten(1).mean(1)
                 psnr = (10 * torch.log10(1 / mse)).mean().item()
-                print(
-                    f"{name:<22} {t_star:>4} {spec:<10} {100 * residue:>7.1f}% {psnr:>11.2f} dB {n:>7} {seconds:>6.0f}",
-                    flush=True,
-                )
+                row = f"{name:<22} {low:>7.1f}% {t_star:>4} {spec:<8} {100 * residue:>7.1f}% {psnr:>11.2f} dB"
+                print(f"{row} {n:>7} {seconds:>4.0f}", flush=True)
 
 
 if __name__ == "__main__":
