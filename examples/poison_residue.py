@@ -54,17 +54,38 @@ def low_frequency_share(delta: torch.Tensor, cutoff: float = 1 / 8) -> float:
     return (power[radius < cutoff].sum() / power.sum()).item()
 
 
-def bench_perturbations(files: list[str], train_labels: torch.Tensor, seed: int) -> tuple[np.ndarray, dict]:
-    """Training-set indices of each cached poisoned set's images and ``{name: uint8 poisoned images}``.
+def bench_perturbations(
+    files: list[str],
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    seed: int,
+    num: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, torch.Tensor, dict[str, torch.Tensor]]:
+    """Training-set indices, clean images and ``{poison: poisoned images}`` (floats) of ``num`` images of cached sets.
 
     The bench caches a poisoned copy of its class-balanced subset (``balanced_subset(labels, n, seed)``); all files
-    must cover the same subset.
+    must cover the same subset, one file per poison. Checked before any purification starts.
     """
-    sets = {Path(f).name.split("-")[0]: load_file(f)["images"] for f in files}
+    sets: dict[str, torch.Tensor] = {}
+    for f in files:
+        name = Path(f).name.split("-")[0]
+        if name in sets:
+            raise ValueError(f"--poisoned: two files of {name!r}; pass one per poison.")
+        sets[name] = load_file(f)["images"]
     sizes = {len(v) for v in sets.values()}
     if len(sizes) != 1:
         raise ValueError(f"--poisoned: the files cover different subsets (sizes {sorted(sizes)}); pass one tier's.")
-    return balanced_subset(train_labels, sizes.pop(), seed).numpy(), sets
+    size = sizes.pop()
+    pick = np.sort(rng.choice(size, num, replace=False))
+    held = balanced_subset(train_labels, size, seed).numpy()[pick]
+    clean = train_images[held].float() / 255
+    poisoned = {name: images[pick].float() / 255 for name, images in sets.items()}
+    for name, x in poisoned.items():
+        gap = (x - clean).abs().mean().item() * 255  # a few levels for a poison, ~60 for unrelated images
+        if name != "cuda" and gap > 20:  # CUDA re-blurs the whole image; skip the check
+            raise ValueError(f"--poisoned {name}: mean |poisoned - clean| is {gap:.0f}/255; wrong --subset-seed?")
+    return held, clean, poisoned
 
 
 def main() -> None:
@@ -83,10 +104,9 @@ def main() -> None:
     rng = np.random.default_rng(2)
     if args.poisoned:
         train = load_image_set(args.data, split="train")
-        subset, sets = bench_perturbations(args.poisoned, train.labels, args.subset_seed)
-        pick = np.sort(rng.choice(len(subset), args.num_images, replace=False))
-        held, clean = subset[pick], train.images[subset[pick]].float() / 255
-        poisoned_sets = {name: images[pick].float() / 255 for name, images in sets.items()}
+        held, clean, poisoned_sets = bench_perturbations(
+            args.poisoned, train.images, train.labels, args.subset_seed, args.num_images, rng
+        )
     else:
         test = load_image_set(args.data, split="test")
         sparse = json.loads((REPO / "weights" / "cifar10_sparse_indices.json").read_text())["indices"]
@@ -97,14 +117,12 @@ def main() -> None:
             for name, delta in perturbations(tuple(clean.shape)).items()
         }
     print(
-        f"{'perturbation':<22} {'low-freq':>8} {'t*':>4} {'setting':<8} {'residue':>8} {'PSNR vs clean':>14} ", end=""
+        f"{'perturbation':<22} {'low-freq':>8} {'t*':>4} {'setting':<8} {'residue':>8} {'PSNR vs clean':>14} "
+        f"{'images':>7} {'s':>4}"
     )
-    print(f"{'images':>7} {'s':>4}")
     for name, poisoned in poisoned_sets.items():
-        gap = (poisoned - clean).abs().mean().item() * 255  # a few levels for a poison, ~60 for unrelated images
-        if args.poisoned and name != "cuda" and gap > 20:  # CUDA re-blurs the whole image; skip the check
-            raise ValueError(f"--poisoned {name}: mean |poisoned - clean| is {gap:.0f}/255; wrong --subset-seed?")
-        low = 100 * low_frequency_share(poisoned - clean)
+        delta = poisoned - clean
+        low = 100 * low_frequency_share(delta)
         for t_star in t_stars:
             for spec in args.steps.split(","):
                 steps = None if spec == "paper" else int(spec)
@@ -114,7 +132,7 @@ def main() -> None:
                 a = EF.purify(poisoned[:n], den, t_star, steps=steps, generator=gens())
                 b = EF.purify(clean[:n], den, t_star, steps=steps, generator=gens())
                 seconds = time.perf_counter() - t0
-                d = (poisoned[:n] - clean[:n]).flatten(1).norm(dim=1)
+                d = delta[:n].flatten(1).norm(dim=1)
                 residue = ((a - b).flatten(1).norm(dim=1) / d).mean().item()
                 mse = (quantize(a).float() / 255 - clean[:n]).pow(2).flatten(1).mean(1)
                 psnr = (10 * torch.log10(1 / mse)).mean().item()
