@@ -12,10 +12,12 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from eclipse_transforms.bench import classifier, runner
+from eclipse_transforms.bench.adp import ADPConfig
 from eclipse_transforms.bench.classifier import Recipe, random_crop_flip, train_classifier
 from eclipse_transforms.bench.defenses import DefenseContext, get_defense, grayscale, jpeg, list_defenses
+from eclipse_transforms.bench.rem import REMConfig
 from eclipse_transforms.bench.report import accuracy_grid, format_table
-from eclipse_transforms.bench.runner import BenchConfig, balanced_subset, run_bench
+from eclipse_transforms.bench.runner import BenchConfig, balanced_subset, parse_poison, run_bench, split_poisons
 
 
 def test_random_crop_flip_is_a_crop_of_the_padded_image():
@@ -330,3 +332,66 @@ def test_committed_standard_cells_match_the_current_keys():
     for cell in cells:
         defense = get_defense(cell["defense"], run.context)
         assert run.cell_key(cell["poison"], defense.options, cell["defense"]) == cell["key"], cell["poison"]
+
+
+def test_poison_specs_parse_validate_and_canonicalise():
+    assert split_poisons(" lsp, rem[train_steps=1000,adversary_radius=0] ,ar,") == [
+        "lsp",
+        "rem[train_steps=1000,adversary_radius=0]",
+        "ar",
+    ]
+    name, overrides, canonical = parse_poison("REM[train_steps=1000, adversary_radius=0, pgd_steps=5]")
+    assert (name, canonical) == ("rem", "rem[adversary_radius=0,train_steps=1000]")  # sorted; defaults dropped
+    assert overrides == {"adversary_radius": 0.0, "train_steps": 1000}
+    assert parse_poison("rem[adversary_radius=4/255]") == ("rem", {}, "rem")  # the default: the plain poison
+    assert parse_poison("urp[epsilon=16/255]")[1] == {"epsilon": pytest.approx(16 / 255)}
+    assert runner.poison_settings("rem") == REMConfig().to_dict()  # the committed REM cells keep their keys
+    assert runner.poison_settings("lsp") is None and runner.poison_settings("urp[epsilon=4/255]") == {
+        "epsilon": 4 / 255
+    }
+    config = runner.poison_call_options("adp[em.pgd_steps=10]")["config"]
+    assert config.em.pgd_steps == 10 and config.em.max_rounds == ADPConfig().em.max_rounds
+    assert runner.poison_call_options("rem[eot_samples=1]")["config"] == REMConfig(eot_samples=1)
+    for spec, message in [
+        ("rem[steps=3]", "rem has no setting 'steps'; settable: epsilon"),
+        ("rem[train_steps=abc]", r"rem\[train_steps=abc\]: expected int \(default 300\)"),
+        ("rem[train_steps]", "is not key=value"),
+        ("rem[train_steps=1,train_steps=2]", "sets 'train_steps' twice"),
+        ("rem[widths=8]", "only number and true/false settings"),
+        ("rem[train_steps=1", "unbalanced brackets"),
+        ("rem[a=1]],lsp", "unbalanced brackets"),
+        ("xyz[a=1]", r"unknown \['xyz'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            BenchConfig(data="x", poisons=spec)
+    config = BenchConfig(data="x", poisons="lsp,rem[train_steps=1000,adversary_radius=0]")
+    assert config.poisons == ("lsp", "rem[adversary_radius=0,train_steps=1000]")
+    assert BenchConfig.from_dict(config.to_dict()) == config
+
+
+def test_runner_keeps_a_poison_variant_apart_from_its_default(toy_cifar, tmp_path):
+    config = BenchConfig(
+        data=str(toy_cifar),
+        poisons="urp,urp[epsilon=16/255]",
+        defenses=("none",),
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        clean=False,
+        subset=0,
+        epochs=1,
+        widths=(8, 8, 8),
+        progress=False,
+    )
+    results = run_bench(config)
+    cells = {c["poison"]: c for c in results["cells"]}
+    assert set(cells) == {"urp", "urp[epsilon=16/255]"} and cells["urp"]["key"] != cells["urp[epsilon=16/255]"]["key"]
+    assert cells["urp[epsilon=16/255]"]["poison_overrides"] == {"epsilon": pytest.approx(16 / 255)}
+    assert "poison_overrides" not in cells["urp"]
+    assert (tmp_path / "out" / "cells" / "urp[epsilon=16_255]__none.json").is_file()
+    assert (tmp_path / "out" / "cells" / "urp__none.json").is_file()
+    assert "| defense | URP | URP[epsilon=16/255] | mean |" in (tmp_path / "out" / "table.md").read_text()
+    run = runner._Run(config)
+    clean = run.images.float()
+    for spec, budget in (("urp", 8), ("urp[epsilon=16/255]", 16)):
+        linf = (run.poisoned(spec)[0].float() - clean).abs().max().item()
+        assert budget - 1 <= linf <= budget, spec  # measured on the uint8 output

@@ -11,7 +11,7 @@ from .._cache import _atomic_write
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["accuracy_grid", "format_table", "write_table", "write_chart"]
+__all__ = ["accuracy_grid", "column_label", "format_table", "write_table", "write_chart"]
 
 _warned: list[bool] = []  # warn once per process about a missing matplotlib
 
@@ -29,11 +29,19 @@ def accuracy_grid(results: dict[str, Any]) -> dict[str, dict[str, float | None]]
     return grid
 
 
+def column_label(column: str) -> str:
+    """``"lsp"`` -> ``"LSP"``, ``"rem[train_steps=1000]"`` -> ``"REM[train_steps=1000]"``; clean and mean as they are."""
+    if column in ("clean", "mean"):
+        return column
+    name, bracket, rest = column.partition("[")
+    return name.upper() + bracket + rest
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Markdown: rows = defenses, columns = clean, each poison, mean over poisons (test accuracy %)."""
     grid = accuracy_grid(results)
     columns = [*results["columns"], "mean"]
-    head = "| defense | " + " | ".join(c.upper() if c not in ("clean", "mean") else c for c in columns) + " |"
+    head = "| defense | " + " | ".join(column_label(c) for c in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
     for defense, row in grid.items():
         cells = ["—" if row[c] is None else f"{row[c]:.1f}" for c in columns]
@@ -74,7 +82,7 @@ def write_chart(results: dict[str, Any], path: Path) -> bool:
     for i, (defense, row) in enumerate(grid.items()):
         xs = [j + (i - (len(grid) - 1) / 2) * width for j in range(len(columns))]
         ax.bar(xs, [row[c] or 0.0 for c in columns], width, label=defense)
-    ax.set_xticks(range(len(columns)), [c.upper() if c not in ("clean", "mean") else c for c in columns])
+    ax.set_xticks(range(len(columns)), [column_label(c) for c in columns])
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"eclipse-transforms bench, tier {results['tier']['name']}")

@@ -3,7 +3,7 @@
 Layout of ``output_dir``::
 
     bench_config.json        # the resolved BenchConfig of the last run (training or --report-only)
-    cells/<poison>__<defense>.json
+    cells/<poison>__<defense>.json  # <poison> as the column names it: "lsp", or a variant "rem[train_steps=1000]"
     results.json             # every cell of this config, with its config, seed, timings and library version
     table.md                 # rows = defenses, columns = clean, poisons, mean over poisons
     chart.png                # grouped bars, one group per column (needs matplotlib)
@@ -22,6 +22,7 @@ import inspect
 import json
 import logging
 import platform
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from .report import write_chart, write_table
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BenchConfig", "TIERS", "run_bench"]
+__all__ = ["BenchConfig", "TIERS", "parse_poison", "run_bench", "split_poisons"]
 
 CLEAN = "clean"
 
@@ -87,7 +88,12 @@ class BenchConfig:
     """One bench run. Every cell of a table shares the tier's recipe and seed and differs only in its defense."""
 
     data: str = field(metadata={"help": "CIFAR-10 as an .npz (x_train/y_train/x_test/y_test) or a torchvision root"})
-    poisons: tuple[str, ...] = field(default=DEFAULT_POISONS, metadata={"help": "comma-separated poisons"})
+    poisons: tuple[str, ...] = field(
+        default=DEFAULT_POISONS,
+        metadata={
+            "help": "comma-separated poisons; a variant as name[setting=value,...], e.g. 'rem[train_steps=1000]'"
+        },
+    )
     defenses: tuple[str, ...] = field(default=DEFAULT_DEFENSES, metadata={"help": "comma-separated defenses"})
     tier: str = field(default="quick", metadata={"help": "quick | standard | paper"})
     output_dir: str = field(default="bench-results", metadata={"help": "where cells, results, table, chart go"})
@@ -109,14 +115,13 @@ class BenchConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
-        for name, known in (("poisons", list_poisons()), ("defenses", list_defenses())):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = tuple(v.strip() for v in value.split(",") if v.strip())
-            object.__setattr__(self, name, tuple(v.lower() for v in value))
-            unknown = [v for v in getattr(self, name) if v not in known]
-            if unknown:
-                raise ValueError(f"{name}: unknown {unknown}; available: {', '.join(known)}.")
+        poisons = split_poisons(self.poisons) if isinstance(self.poisons, str) else self.poisons
+        object.__setattr__(self, "poisons", tuple(parse_poison(p)[2] for p in poisons))
+        defenses = self.defenses.split(",") if isinstance(self.defenses, str) else self.defenses
+        object.__setattr__(self, "defenses", tuple(d.strip().lower() for d in defenses if d.strip()))
+        unknown = [d for d in self.defenses if d not in list_defenses()]
+        if unknown:
+            raise ValueError(f"defenses: unknown {unknown}; available: {', '.join(list_defenses())}.")
         if not self.defenses:
             raise ValueError("defenses is empty; name at least one, e.g. 'none,eclipse'.")
         if self.tier not in TIERS:
@@ -162,12 +167,122 @@ def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.
     return torch.from_numpy(np.sort(np.concatenate(picked)))
 
 
+def split_poisons(text: str) -> list[str]:
+    """Split ``"lsp,rem[train_steps=1000,adversary_radius=0]"`` at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1) or (i == len(text) and depth):
+            raise ValueError(f"poisons: unbalanced brackets in {text!r}; write e.g. 'rem[train_steps=1000]'.")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _parse_value(poison: str, key: str, text: str, default: Any) -> Any:
+    """``text`` as the type of ``default``: bools as true/false, ints, floats (``4/255`` allowed)."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            num, _, den = text.partition("/")
+            return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        kind = "true or false" if isinstance(default, bool) else type(default).__name__
+        raise ValueError(f"poisons: {poison}[{key}={text}]: expected {kind} (default {default!r}).") from None
+    raise ValueError(f"poisons: {poison}[{key}=...]: only number and true/false settings can be set in a spec.")
+
+
+def _settable(poison: str) -> dict[str, Any]:
+    """Every setting a spec may change, with its default: the poison's keyword arguments (model-free poisons) or
+    its crafting config's fields (model-based), nested configs as ``outer.inner``."""
+    params = inspect.signature(get_poison(poison)).parameters
+    config = params["config"].default if "config" in params else None
+    if config is None or not dataclasses.is_dataclass(config):
+        skip = {"images", "labels", "seed", "work_dir", "progress"}
+        return {k: p.default for k, p in params.items() if k not in skip and p.default is not p.empty}
+    settable = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            settable.update({f"{f.name}.{g.name}": getattr(value, g.name) for g in dataclasses.fields(value)})
+        else:
+            settable[f.name] = value
+    return settable
+
+
+def parse_poison(spec: str) -> tuple[str, dict[str, Any], str]:
+    """``"rem[train_steps=1000]"`` -> ``("rem", {"train_steps": 1000}, "rem[train_steps=1000]")``.
+
+    The third element is the canonical spec (lower case, keys sorted, settings equal to their default dropped):
+    the column's name and its cell files' prefix. A spec that changes nothing is the plain poison, whose cache
+    and cell keys it shares.
+    """
+    text = spec.strip().lower()
+    name, bracket, rest = text.partition("[")
+    name = name.strip()
+    if name not in list_poisons():
+        raise ValueError(f"poisons: unknown {[name]}; available: {', '.join(list_poisons())}.")
+    if not bracket:
+        return name, {}, name
+    if not rest.endswith("]"):
+        raise ValueError(f"poisons: {spec!r} must end with ']'; write e.g. 'rem[train_steps=1000]'.")
+    settable = _settable(name)
+    overrides, shown = {}, {}
+    for item in filter(None, (s.strip() for s in rest[:-1].split(","))):
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not eq or not value:
+            raise ValueError(f"poisons: {spec!r}: {item!r} is not key=value; write e.g. 'rem[train_steps=1000]'.")
+        if key not in settable:
+            known = ", ".join(k for k, v in settable.items() if isinstance(v, (bool, int, float))) or "none"
+            raise ValueError(f"poisons: {spec!r}: {name} has no setting {key!r}; settable: {known}.")
+        if key in overrides:
+            raise ValueError(f"poisons: {spec!r} sets {key!r} twice.")
+        parsed = _parse_value(name, key, value, settable[key])
+        if parsed != settable[key]:
+            overrides[key], shown[key] = parsed, value
+    canonical = name + ("[" + ",".join(f"{k}={shown[k]}" for k in sorted(shown)) + "]" if shown else "")
+    return name, dict(sorted(overrides.items())), canonical
+
+
 def poison_settings(poison: str) -> dict[str, Any] | None:
-    """The default ``config`` of a model-based poison as a dict (part of its cache and cell keys), else None."""
-    param = inspect.signature(get_poison(poison)).parameters.get("config")
-    if param is None or not hasattr(param.default, "to_dict"):
-        return None
-    return param.default.to_dict()
+    """A model-based poison's crafting config (its default, with a spec's changes) as a dict, part of its cache and
+    cell keys; for a model-free poison, the spec's changes to its keyword arguments, or None without any."""
+    name, overrides, _ = parse_poison(poison)
+    config = inspect.signature(get_poison(name)).parameters.get("config")
+    if config is None or not hasattr(config.default, "to_dict"):
+        return overrides or None
+    return _with_overrides(config.default, overrides).to_dict()
+
+
+def _with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    nested: dict[str, dict[str, Any]] = {}
+    flat = {}
+    for key, value in overrides.items():
+        outer, dot, inner = key.partition(".")
+        if dot:
+            nested.setdefault(outer, {})[inner] = value
+        else:
+            flat[key] = value
+    for outer, changes in nested.items():
+        flat[outer] = dataclasses.replace(getattr(config, outer), **changes)
+    return dataclasses.replace(config, **flat)
+
+
+def poison_call_options(poison: str) -> dict[str, Any]:
+    """The keyword arguments a spec adds to the poison's call: ``config=`` (model-based) or its own keywords."""
+    name, overrides, _ = parse_poison(poison)
+    if not overrides:
+        return {}
+    config = inspect.signature(get_poison(name)).parameters.get("config")
+    if config is None or not dataclasses.is_dataclass(config.default):
+        return overrides
+    return {"config": _with_overrides(config.default, overrides)}
 
 
 def _settings_key(poison: str) -> tuple[dict[str, Any], ...]:
@@ -208,8 +323,9 @@ class _Run:
         """The poisoned training set (cached), the seconds it took now (0 if cached) and the crafting report."""
         if poison == CLEAN:
             return self.images, 0.0, None
+        name = parse_poison(poison)[0]
         key = digest(poison, self.config.seed, __version__, *_settings_key(poison), self.images, self.labels)
-        path = self.cache / "poisoned" / f"{poison}-{key}.safetensors"
+        path = self.cache / "poisoned" / f"{name}-{key}.safetensors"
         report_path = path.with_suffix(".work") / "report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
         if path.is_file():
@@ -217,8 +333,8 @@ class _Run:
                 return load_file(path)["images"], 0.0, report
             except Exception as e:  # a damaged file is regenerated, never trusted
                 logger.warning("poisoned set %s is unreadable (%s); regenerating it", path, e)
-        fn = get_poison(poison)
-        options: dict[str, Any] = {}
+        fn = get_poison(name)
+        options: dict[str, Any] = poison_call_options(poison)
         accepted = inspect.signature(fn).parameters
         if "work_dir" in accepted:  # model-based poisons checkpoint their crafting and resume from it
             options["work_dir"] = path.with_suffix(".work")
@@ -233,7 +349,8 @@ class _Run:
         return images, seconds, report
 
     def cell_path(self, poison: str, defense: str) -> Path:
-        return self.out / "cells" / f"{poison}__{defense}.json"
+        safe = re.sub(r"[^\w.,=\[\]-]", "_", poison)  # a variant's "16/255" must not make a folder
+        return self.out / "cells" / f"{safe}__{defense}.json"
 
     def cell_key(self, poison: str, defense_options: dict[str, Any], defense: str) -> str:
         parts = (self.data_key, poison, defense, defense_options, self.recipe.to_dict(), self.config.seed)
@@ -288,6 +405,7 @@ class _Run:
             "recipe": recipe.to_dict(),
             "defense_options": defense.options,
             "poison_report": poison_report,
+            **({"poison_overrides": parse_poison(poison)[1]} if "[" in poison else {}),
             "seed": self.config.seed,
             "train_images": len(self.labels),
             **self.test_info,
