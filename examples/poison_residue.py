@@ -9,6 +9,7 @@ patch-constant noise (LSP-like, L2 1.30), and ±8/255 sign noise (the L∞ budge
 energetic). ``--poisoned`` measures real poisoned sets from the bench's cache instead
 (``<cache>/poisoned/<name>-<key>.safetensors`` of a class-balanced training subset): δ is the poisoned image minus
 its clean original, on training images.
+Label a file as ``label=path`` to measure two variants of one poison in one run.
 ``--t-star`` takes several values, to see how much more diffusion noise a poison needs.
 
     python examples/poison_residue.py --data ../shared/data/cifar10/cifar10.npz
@@ -69,10 +70,14 @@ def bench_perturbations(
     """
     sets: dict[str, torch.Tensor] = {}
     for f in files:
-        name = Path(f).name.split("-")[0]
-        if name in sets:
-            raise ValueError(f"--poisoned: two files of {name!r}; pass one per poison.")
-        sets[name] = load_file(f)["images"]
+        label, eq, path = f.rpartition("=")
+        if not eq or not Path(path).is_file():  # a plain path: named after its poison
+            label, path = Path(f).name.split("-")[0], f
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--poisoned: {path} does not exist.")
+        if label in sets:
+            raise ValueError(f"--poisoned: two files named {label!r}; label them, e.g. 'rem-control=<path>'.")
+        sets[label] = load_file(path)["images"]
     sizes = {len(v) for v in sets.values()}
     if len(sizes) != 1:
         raise ValueError(f"--poisoned: the files cover different subsets (sizes {sorted(sizes)}); pass one tier's.")
@@ -83,7 +88,7 @@ def bench_perturbations(
     poisoned = {name: images[pick].float() / 255 for name, images in sets.items()}
     for name, x in poisoned.items():
         gap = (x - clean).abs().mean().item() * 255  # a few levels for a poison, ~60 for unrelated images
-        if name != "cuda" and gap > 20:  # CUDA re-blurs the whole image; skip the check
+        if not name.startswith("cuda") and gap > 20:  # CUDA re-blurs the whole image; skip the check
             raise ValueError(f"--poisoned {name}: mean |poisoned - clean| is {gap:.0f}/255; wrong --subset-seed?")
     return held, clean, poisoned
 
@@ -96,7 +101,12 @@ def main() -> None:
     parser.add_argument("--paper-images", type=int, default=32, help="images for the slow 100-step sampler")
     parser.add_argument("--t-star", default="100", help="comma-separated diffusion timesteps (default: 100)")
     parser.add_argument("--steps", default="1,2,4,10,paper")
-    parser.add_argument("--poisoned", nargs="+", default=None, help="bench-cached poisoned sets (.safetensors)")
+    parser.add_argument(
+        "--poisoned",
+        nargs="+",
+        default=None,
+        help="bench-cached poisoned sets (.safetensors), each a path or label=path (two variants of one poison)",
+    )
     parser.add_argument("--subset-seed", type=int, default=0, help="the bench's --seed that drew their subset")
     args = parser.parse_args()
     t_stars = [int(t) for t in args.t_star.split(",")]
@@ -116,8 +126,9 @@ def main() -> None:
             name: quantize((clean + delta).clamp(0, 1)).float() / 255
             for name, delta in perturbations(tuple(clean.shape)).items()
         }
+    width = max(22, *(len(name) for name in poisoned_sets))
     print(
-        f"{'perturbation':<22} {'low-freq':>8} {'t*':>4} {'setting':<8} {'residue':>8} {'PSNR vs clean':>14} "
+        f"{'perturbation':<{width}} {'low-freq':>8} {'t*':>4} {'setting':<8} {'residue':>8} {'PSNR vs clean':>14} "
         f"{'images':>7} {'s':>4}"
     )
     for name, poisoned in poisoned_sets.items():
@@ -136,7 +147,7 @@ def main() -> None:
                 residue = ((a - b).flatten(1).norm(dim=1) / d).mean().item()
                 mse = (quantize(a).float() / 255 - clean[:n]).pow(2).flatten(1).mean(1)
                 psnr = (10 * torch.log10(1 / mse)).mean().item()
-                row = f"{name:<22} {low:>7.1f}% {t_star:>4} {spec:<8} {100 * residue:>7.1f}% {psnr:>11.2f} dB"
+                row = f"{name:<{width}} {low:>7.1f}% {t_star:>4} {spec:<8} {100 * residue:>7.1f}% {psnr:>11.2f} dB"
                 print(f"{row} {n:>7} {seconds:>4.0f}", flush=True)
 
 
