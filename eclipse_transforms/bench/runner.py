@@ -198,12 +198,18 @@ def _parse_value(poison: str, key: str, text: str, default: Any) -> Any:
     raise ValueError(f"poisons: {poison}[{key}=...]: only number and true/false settings can be set in a spec.")
 
 
+def _crafting_config(poison: str) -> Any:
+    """A model-based poison's default crafting config (the dataclass default of its ``config``), else None."""
+    param = inspect.signature(get_poison(poison)).parameters.get("config")
+    return param.default if param is not None and dataclasses.is_dataclass(param.default) else None
+
+
 def _settable(poison: str) -> dict[str, Any]:
     """Every setting a spec may change, with its default: the poison's keyword arguments (model-free poisons) or
     its crafting config's fields (model-based), nested configs as ``outer.inner``."""
-    params = inspect.signature(get_poison(poison)).parameters
-    config = params["config"].default if "config" in params else None
-    if config is None or not dataclasses.is_dataclass(config):
+    config = _crafting_config(poison)
+    if config is None:
+        params = inspect.signature(get_poison(poison)).parameters
         skip = {"images", "labels", "seed", "work_dir", "progress"}
         return {k: p.default for k, p in params.items() if k not in skip and p.default is not p.empty}
     settable = {}
@@ -254,10 +260,8 @@ def poison_settings(poison: str) -> dict[str, Any] | None:
     """A model-based poison's crafting config (its default, with a spec's changes) as a dict, part of its cache and
     cell keys; for a model-free poison, the spec's changes to its keyword arguments, or None without any."""
     name, overrides, _ = parse_poison(poison)
-    config = inspect.signature(get_poison(name)).parameters.get("config")
-    if config is None or not hasattr(config.default, "to_dict"):
-        return overrides or None
-    return _with_overrides(config.default, overrides).to_dict()
+    config = _crafting_config(name)
+    return (overrides or None) if config is None else _with_overrides(config, overrides).to_dict()
 
 
 def _with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
@@ -277,12 +281,8 @@ def _with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
 def poison_call_options(poison: str) -> dict[str, Any]:
     """The keyword arguments a spec adds to the poison's call: ``config=`` (model-based) or its own keywords."""
     name, overrides, _ = parse_poison(poison)
-    if not overrides:
-        return {}
-    config = inspect.signature(get_poison(name)).parameters.get("config")
-    if config is None or not dataclasses.is_dataclass(config.default):
-        return overrides
-    return {"config": _with_overrides(config.default, overrides)}
+    config = _crafting_config(name)
+    return overrides if config is None or not overrides else {"config": _with_overrides(config, overrides)}
 
 
 def _settings_key(poison: str) -> tuple[dict[str, Any], ...]:
