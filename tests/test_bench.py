@@ -148,6 +148,8 @@ def test_recipe_and_config_validation():
         BenchConfig(data="x", poisons="xyz")
     with pytest.raises(ValueError, match="tier must be one of quick, standard, paper"):
         BenchConfig(data="x", tier="huge")
+    with pytest.raises(ValueError, match="purify_batch_size must be >= 1, got 0"):
+        BenchConfig(data="x", purify_batch_size=0)
     config = BenchConfig(data="x", poisons="LSP, ar", defenses=("none",), epochs=2)
     assert config.poisons == ("lsp", "ar") and config.recipe().epochs == 2
     assert BenchConfig.from_dict(config.to_dict()) == config
@@ -182,6 +184,7 @@ def test_runner_end_to_end_and_resume(toy_cifar, tiny_folder, tmp_path, monkeypa
         epochs=1,
         widths=(8, 8, 8),
         t_star=20,
+        purify_batch_size=7,  # not a divisor of the 36 images: the last batch is short
         progress=False,
     )
     results = run_bench(config)

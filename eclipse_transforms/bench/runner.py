@@ -112,6 +112,10 @@ class BenchConfig:
     t_star: int = field(default=100, metadata={"help": "ECLIPSE's diffusion timestep"})
     seed: int = field(default=0, metadata={"help": "seed of subset, poisons, purification and training"})
     device: str = field(default="cpu", metadata={"help": "'cpu' or 'cuda' for purification and training"})
+    purify_batch_size: int = field(
+        default=256,
+        metadata={"help": "images per purification batch (results do not depend on it; a GPU wants thousands)"},
+    )
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
@@ -128,6 +132,8 @@ class BenchConfig:
             raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {self.tier!r}.")
         if self.widths is not None:
             object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.purify_batch_size < 1:
+            raise ValueError(f"purify_batch_size must be >= 1, got {self.purify_batch_size}.")
 
     def recipe(self) -> Recipe:
         recipe = TIERS[self.tier].recipe
@@ -314,6 +320,7 @@ class _Run:
             cache_dir=str(self.cache / "purified"),
             t_star=config.t_star,
             seed=config.seed,
+            batch_size=config.purify_batch_size,
             device=config.device,
             progress=config.progress,
         )
