@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument(
         "--reference",
         default=str(default_cache_dir() / "poison_transfer_reference.safetensors"),
-        help="where the reference classifier is kept (trained on first use, ~7 min on 2 CPU cores)",
+        help="where the reference classifier is kept (trained on first use: 10 min at one thread beside two other jobs)",
     )
     args = parser.parse_args()
     train = load_image_set(args.data, split="train")
