@@ -55,6 +55,25 @@ def low_frequency_share(delta: torch.Tensor, cutoff: float = 1 / 8) -> float:
     return (power[radius < cutoff].sum() / power.sum()).item()
 
 
+def load_poisoned(files: list[str]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """``{label: uint8 images}`` of bench-cached poisoned sets given as ``path`` or ``label=path``, and the labels
+    of CUDA sets (by the file's poison, whatever the label), which re-blur the whole image."""
+    sets: dict[str, torch.Tensor] = {}
+    reblurred = set()
+    for f in files:
+        label, eq, path = f.rpartition("=")
+        if not eq or not Path(path).is_file():  # a plain path: named after its poison
+            label, path = Path(f).name.split("-")[0], f
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--poisoned: {path} does not exist.")
+        if label in sets:
+            raise ValueError(f"--poisoned: two files named {label!r}; label them, e.g. 'rem-control=<path>'.")
+        sets[label] = load_file(path)["images"]
+        if Path(path).name.split("-")[0] == "cuda":
+            reblurred.add(label)
+    return sets, reblurred
+
+
 def bench_perturbations(
     files: list[str],
     train_images: torch.Tensor,
@@ -68,19 +87,7 @@ def bench_perturbations(
     The bench caches a poisoned copy of its class-balanced subset (``balanced_subset(labels, n, seed)``); all files
     must cover the same subset, one file per poison. Checked before any purification starts.
     """
-    sets: dict[str, torch.Tensor] = {}
-    reblurred = set()  # labels of CUDA sets (by the file's poison, whatever the label)
-    for f in files:
-        label, eq, path = f.rpartition("=")
-        if not eq or not Path(path).is_file():  # a plain path: named after its poison
-            label, path = Path(f).name.split("-")[0], f
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--poisoned: {path} does not exist.")
-        if label in sets:
-            raise ValueError(f"--poisoned: two files named {label!r}; label them, e.g. 'rem-control=<path>'.")
-        sets[label] = load_file(path)["images"]
-        if Path(path).name.split("-")[0] == "cuda":
-            reblurred.add(label)
+    sets, reblurred = load_poisoned(files)
     sizes = {len(v) for v in sets.values()}
     if len(sizes) != 1:
         raise ValueError(f"--poisoned: the files cover different subsets (sizes {sorted(sizes)}); pass one tier's.")

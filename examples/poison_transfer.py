@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as nnf
+from poison_residue import load_poisoned  # examples/, beside this script
 from safetensors.torch import load_file, save_file
 
 from eclipse_transforms._data import load_image_set
@@ -111,14 +112,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     train = load_image_set(args.data, split="train")
-    sets: dict[str, torch.Tensor] = {}
-    for item in args.poisoned:
-        label, eq, path = item.rpartition("=")
-        if not eq:
-            label, path = Path(item).name.split("-")[0], item
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--poisoned: {path} does not exist.")
-        sets[label] = load_file(path)["images"]
+    sets, _ = load_poisoned(args.poisoned)
     sizes = {len(v) for v in sets.values()}
     if len(sizes) != 1:
         raise ValueError(f"--poisoned: the files cover different subsets (sizes {sorted(sizes)}); pass one tier's.")

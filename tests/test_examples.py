@@ -1,12 +1,15 @@
 """The analysis helpers of ``examples/poison_transfer.py`` (the scripts themselves need CIFAR-10 and hours)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "poison_transfer.py"
+_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(_EXAMPLES))  # as when the script runs: it imports its sibling poison_residue.py
+_PATH = _EXAMPLES / "poison_transfer.py"
 _spec = importlib.util.spec_from_file_location("poison_transfer", _PATH)
 transfer = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(transfer)
