@@ -319,7 +319,8 @@ def test_runner_on_real_cifar10_holds_out_the_sparse_set(tmp_path):
 
 
 @pytest.mark.cifar
-def test_committed_standard_cells_match_the_current_keys():
+@pytest.mark.parametrize("folder", ["standard", "quick", "quick-tstar/t200", "quick-tstar/t300"])
+def test_committed_cells_match_the_current_keys(folder):
     """A change to the runner's keys would silently retrain (or orphan) every committed result."""
     from pathlib import Path
 
@@ -328,13 +329,29 @@ def test_committed_standard_cells_match_the_current_keys():
     path = cifar_npz()
     if path is None:
         pytest.skip("real CIFAR-10 not found: set ECLIPSE_CIFAR10 or put cifar10.npz in ../shared/data/cifar10/")
-    folder = Path(__file__).resolve().parents[1] / "examples" / "results" / "standard" / "cells"
-    cells = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    assert cells, f"no committed cells in {folder}"
-    run = runner._Run(BenchConfig(data=str(path), tier="standard", progress=False))
+    out = Path(__file__).resolve().parents[1] / "examples" / "results" / folder
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    assert cells, f"no committed cells in {out}"
+    settings = json.loads((out / "bench_config.json").read_text())
+    run = runner._Run(BenchConfig.from_dict({**settings, "data": str(path), "progress": False}))
     for cell in cells:
         defense = get_defense(cell["defense"], run.context)
         assert run.cell_key(cell["poison"], defense.options, cell["defense"]) == cell["key"], cell["poison"]
+        if cell["poison_report"] is not None:  # a model-based poison: the column names what it was crafted with
+            assert runner.poison_settings(cell["poison"]) == cell["poison_report"]["config"], cell["poison"]
+
+
+def test_keys_follow_the_real_settings_not_the_spec_text(toy_cifar, monkeypatch):
+    """Moving a default must keep the results of every poison whose real settings did not change."""
+    config = BenchConfig(data=str(toy_cifar), poisons="rem", defenses=("none",), subset=0, progress=False)
+    run = runner._Run(config)
+    before = run.cell_key("rem[train_steps=300,lr_decay_steps=120]", {}, "none")
+    assert before != run.cell_key("rem", {}, "none")
+    old_default = REMConfig(train_steps=300, lr_decay_steps=120)
+    monkeypatch.setattr(runner, "_crafting_config", lambda name: old_default if name == "rem" else None)
+    assert parse_poison("rem[train_steps=300,lr_decay_steps=120]")[2] == "rem"
+    assert run.cell_key("rem", {}, "none") == before  # the same crafting under its new name keeps its key
+    assert run.cell_key("rem[train_steps=2000]", {}, "none") != before
 
 
 def test_poison_specs_parse_validate_and_canonicalise():
@@ -343,12 +360,12 @@ def test_poison_specs_parse_validate_and_canonicalise():
         "rem[train_steps=1000,adversary_radius=0]",
         "ar",
     ]
-    name, overrides, canonical = parse_poison("REM[train_steps=1000, adversary_radius=0, pgd_steps=5]")
-    assert (name, canonical) == ("rem", "rem[adversary_radius=0,train_steps=1000]")  # sorted; defaults dropped
-    assert overrides == {"adversary_radius": 0.0, "train_steps": 1000}
+    name, overrides, canonical = parse_poison("REM[train_steps=2000, adversary_radius=0, pgd_steps=5]")
+    assert (name, canonical) == ("rem", "rem[adversary_radius=0,train_steps=2000]")  # sorted; defaults dropped
+    assert overrides == {"adversary_radius": 0.0, "train_steps": 2000}
     assert parse_poison("rem[adversary_radius=4/255]") == ("rem", {}, "rem")  # the default: the plain poison
     assert parse_poison("urp[epsilon=16/255]")[1] == {"epsilon": pytest.approx(16 / 255)}
-    assert runner.poison_settings("rem") == REMConfig().to_dict()  # the committed REM cells keep their keys
+    assert runner.poison_settings("rem") == REMConfig().to_dict()
     assert runner.poison_settings("lsp") is None and runner.poison_settings("urp[epsilon=4/255]") == {
         "epsilon": 4 / 255
     }
@@ -357,7 +374,7 @@ def test_poison_specs_parse_validate_and_canonicalise():
     assert runner.poison_call_options("rem[eot_samples=1]")["config"] == REMConfig(eot_samples=1)
     for spec, message in [
         ("rem[steps=3]", "rem has no setting 'steps'; settable: epsilon"),
-        ("rem[train_steps=abc]", r"rem\[train_steps=abc\]: expected int \(default 300\)"),
+        ("rem[train_steps=abc]", r"rem\[train_steps=abc\]: expected int \(default 1000\)"),
         ("rem[train_steps]", "is not key=value"),
         ("rem[train_steps=1,train_steps=2]", "sets 'train_steps' twice"),
         ("rem[widths=8]", "only number and true/false settings"),
@@ -367,8 +384,8 @@ def test_poison_specs_parse_validate_and_canonicalise():
     ]:
         with pytest.raises(ValueError, match=message):
             BenchConfig(data="x", poisons=spec)
-    config = BenchConfig(data="x", poisons="lsp,rem[train_steps=1000,adversary_radius=0]")
-    assert config.poisons == ("lsp", "rem[adversary_radius=0,train_steps=1000]")
+    config = BenchConfig(data="x", poisons="lsp,rem[train_steps=2000,adversary_radius=0]")
+    assert config.poisons == ("lsp", "rem[adversary_radius=0,train_steps=2000]")
     assert BenchConfig.from_dict(config.to_dict()) == config
 
 

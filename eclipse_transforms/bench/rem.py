@@ -45,10 +45,10 @@ class REMConfig:
     adversary_step_size: float = 0.8 / 255
     adversary_steps: int = 3  # ours (release: 10)
     eot_samples: int = 2  # ours (release: 5)
-    train_steps: int = 300  # ours (release: 5,000)
+    train_steps: int = 1000  # ours (release: 5,000); 300 did not halve clean accuracy on the standard tier
     batch_size: int = 128
     lr: float = 0.1
-    lr_decay_steps: int = 120  # ours, scaled with train_steps (release: x0.1 every 2,000)
+    lr_decay_steps: int = 400  # ours, scaled with train_steps (release: x0.1 every 2,000)
     translate: int = 4  # the training augmentation t: random crop (zero padding) and flip
     checkpoint_steps: int = 25
     shard_size: int = 2048

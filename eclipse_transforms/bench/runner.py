@@ -291,10 +291,14 @@ def poison_call_options(poison: str) -> dict[str, Any]:
     return overrides if config is None or not overrides else {"config": _with_overrides(config, overrides)}
 
 
-def _settings_key(poison: str) -> tuple[dict[str, Any], ...]:
-    """What a poison adds to the cache and cell keys: its crafting config, or nothing (model-free keys unchanged)."""
-    settings = None if poison == CLEAN else poison_settings(poison)
-    return () if settings is None else (settings,)
+def _poison_key(poison: str) -> tuple[Any, ...]:
+    """What names a poison in the cache and cell keys: its name and the settings it is really crafted with (a
+    model-based poison's whole config; a model-free poison's changed keyword arguments, if any), not the spec's
+    text, so a change of defaults keeps every result whose real settings did not change."""
+    if poison == CLEAN:
+        return (CLEAN,)
+    settings = poison_settings(poison)
+    return (parse_poison(poison)[0],) if settings is None else (parse_poison(poison)[0], settings)
 
 
 class _Run:
@@ -330,8 +334,8 @@ class _Run:
         """The poisoned training set (cached), the seconds it took now (0 if cached) and the crafting report."""
         if poison == CLEAN:
             return self.images, 0.0, None
-        name = parse_poison(poison)[0]
-        key = digest(poison, self.config.seed, __version__, *_settings_key(poison), self.images, self.labels)
+        name, *settings = _poison_key(poison)
+        key = digest(name, self.config.seed, __version__, *settings, self.images, self.labels)
         path = self.cache / "poisoned" / f"{name}-{key}.safetensors"
         report_path = path.with_suffix(".work") / "report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
@@ -360,8 +364,9 @@ class _Run:
         return self.out / "cells" / f"{safe}__{defense}.json"
 
     def cell_key(self, poison: str, defense_options: dict[str, Any], defense: str) -> str:
-        parts = (self.data_key, poison, defense, defense_options, self.recipe.to_dict(), self.config.seed)
-        return digest(*parts, *_settings_key(poison))  # a changed crafting config retrains the cell
+        first, *settings = _poison_key(poison)
+        parts = (self.data_key, first, defense, defense_options, self.recipe.to_dict(), self.config.seed)
+        return digest(*parts, *settings)  # a changed crafting config retrains the cell
 
     def run_cell(self, poison: str, defense_name: str, train: bool = True) -> dict[str, Any] | None:
         """The cell's result: from ``cells/`` if it was run with these settings, else trained now (or None)."""
