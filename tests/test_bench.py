@@ -354,6 +354,32 @@ def test_keys_follow_the_real_settings_not_the_spec_text(toy_cifar, monkeypatch)
     assert run.cell_key("rem[train_steps=2000]", {}, "none") != before
 
 
+def test_runner_crafts_model_based_poisons_on_the_bench_device(toy_cifar, tmp_path, monkeypatch):
+    from eclipse_transforms.bench.em import EMConfig
+
+    seen, default = {}, EMConfig()
+
+    def spy(images, labels, *, seed=0, config=default, work_dir=None, progress=True, device="cpu"):
+        seen.update(device=device, work_dir=work_dir)
+        return images.clone()
+
+    real = runner.get_poison
+    monkeypatch.setattr(runner, "get_poison", lambda name: spy if name == "em" else real(name))
+    config = BenchConfig(
+        data=str(toy_cifar), poisons="em", defenses="none", subset=0, cache_dir=str(tmp_path), device="cpu:0"
+    )
+    runner._Run(config).poisoned("em")
+    assert seen["device"] == "cpu:0" and seen["work_dir"] is not None
+
+
+def test_bench_device_is_checked():
+    with pytest.raises(ValueError, match="device must be a torch device such as 'cpu' or 'cuda', got 'gpu'"):
+        BenchConfig(data="x", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device here; use --device cpu"):
+            run_bench(BenchConfig(data="x", device="cuda"))
+
+
 def test_poison_specs_parse_validate_and_canonicalise():
     assert split_poisons(" lsp, rem[train_steps=1000,adversary_radius=0] ,ar,") == [
         "lsp",

@@ -56,6 +56,7 @@ def adp(
     config: ADPConfig = ADPConfig(),
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Adaptive error-minimizing noise through ECLIPSE's purifier and compensation, resumable from ``work_dir``.
 
@@ -64,11 +65,12 @@ def adp(
         config: the attack's settings (see :class:`ADPConfig`).
         work_dir: checkpoint folder, as for :func:`~eclipse_transforms.bench.em.em`.
         progress: show a tqdm bar over rounds.
+        device: where the surrogate, the perturbation and the defender's denoiser run.
 
     Returns:
         uint8 poisoned images ``(N, 3, H, W)``.
     """
-    denoiser = freeze(load_denoiser(config.weights))
+    denoiser = freeze(load_denoiser(config.weights, device=device))
 
     def through_defense(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         purified = EF.purify(x, denoiser, config.t_star, steps=config.purifier_steps, generator=g, differentiable=True)
@@ -85,4 +87,5 @@ def adp(
         progress=progress,
         view=through_defense,
         extra=extra,
+        device=device,
     )

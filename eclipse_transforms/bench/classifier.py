@@ -23,7 +23,7 @@ import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
 from .._images import derive_seed
-from .crafting import CraftState, digest
+from .crafting import CraftState, digest, uniform_like
 from .models import build_model
 
 __all__ = ["Recipe", "fit_classifier", "train_classifier", "evaluate", "random_crop_flip"]
@@ -72,17 +72,22 @@ class Recipe:
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Batched ``RandomCrop(size, padding)`` (zero padding) and ``RandomHorizontalFlip`` of ``(N, C, H, W)``."""
+    """Batched ``RandomCrop(size, padding)`` (zero padding) and ``RandomHorizontalFlip`` of ``(N, C, H, W)``.
+
+    The offsets and flips are drawn from ``generator`` (a CPU one) and moved to ``x``'s device, so a batch on a
+    GPU gets the crops and flips the same batch gets on the CPU.
+    """
     n, c, h, w = x.shape
     if padding > 0:
         padded = nnf.pad(x, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-        x = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        n_idx = torch.arange(n, device=x.device)[:, None, None, None]
+        x = padded[n_idx, torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
     if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
+        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
         x = torch.where(mask.view(n, 1, 1, 1), x.flip(-1), x)
     return x
 
@@ -92,7 +97,7 @@ def _pgd(
 ) -> torch.Tensor:
     """L∞ PGD (Madry et al.): random start, ``steps`` signed steps of 2.5·ε/steps, maximising cross-entropy."""
     step = 2.5 * epsilon / steps
-    delta = ((torch.rand(x.shape, generator=generator) * 2 - 1) * epsilon).to(x.device)
+    delta = uniform_like(x, epsilon, generator)
     model.eval()
     for _ in range(steps):
         delta.requires_grad_(True)

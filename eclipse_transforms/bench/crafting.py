@@ -40,6 +40,7 @@ __all__ = [
     "recalibrate_bn",
     "perturbed",
     "accuracy",
+    "uniform_like",
 ]
 
 
@@ -115,10 +116,20 @@ def freeze(model: torch.nn.Module, frozen: bool = True) -> torch.nn.Module:
     return model
 
 
-def surrogate(widths: tuple[int, ...], num_classes: int, seed: int) -> torch.nn.Module:
-    """The bench's compact classifier as the crafting surrogate (so poisons hit the bench at full strength)."""
+def surrogate(
+    widths: tuple[int, ...], num_classes: int, seed: int, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """The bench's compact classifier as the crafting surrogate (so poisons hit the bench at full strength).
+
+    Initialised on the CPU, then moved to ``device``: the same weights wherever it runs."""
     torch.manual_seed(derive_seed("surrogate", seed))
-    return build_model("compact", widths, num_classes)
+    return build_model("compact", widths, num_classes).to(device)
+
+
+def uniform_like(x: torch.Tensor, radius: float, generator: torch.Generator) -> torch.Tensor:
+    """``U(-radius, radius)`` noise of ``x``'s shape, drawn from a CPU ``generator`` and moved to ``x``'s device:
+    a crafting run draws the same random starts on any device."""
+    return ((torch.rand(x.shape, generator=generator) * 2 - 1) * radius).to(x.device)
 
 
 def sgd(model: torch.nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
@@ -156,7 +167,7 @@ def train_batches(
         order = torch.randperm(
             len(images), generator=torch.Generator().manual_seed(derive_seed(seed, cursor["epoch"]))
         )
-        idx = order[cursor["offset"] : cursor["offset"] + batch_size]
+        idx = order[cursor["offset"] : cursor["offset"] + batch_size].to(images.device)
         x = perturbed(images[idx], delta[idx])
         if view is not None:
             g = torch.Generator().manual_seed(derive_seed(seed, "view", cursor["epoch"], cursor["offset"]))
@@ -200,7 +211,7 @@ def recalibrate_bn(
         m.momentum = None  # cumulative average: every batch counts equally
     model.train()
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(images), generator=g)[: num_batches * batch_size]
+    order = torch.randperm(len(images), generator=g)[: num_batches * batch_size].to(images.device)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         x = perturbed(images[idx], delta[idx])
@@ -244,12 +255,13 @@ def craft_in_shards(
     config: Any,
     progress: bool,
     report: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Per-image crafting (the surrogate is frozen), batch by batch, saved in checksummed shards under ``root``.
 
-    ``attack(x, y, start)`` gets float images ``x`` in ``[0, 1]``, their labels and the index of the batch's first
-    image (to seed its randomness) and returns the poisoned batch as uint8. Finished shards are reused by a later
-    call with the same ``meta``, so an interrupted run loses at most one shard. ``config`` gives ``shard_size`` and
+    ``attack(x, y, start)`` gets float images ``x`` in ``[0, 1]`` and their labels, both on ``device``, and the
+    index of the batch's first image (to seed its randomness) and returns the poisoned batch as uint8. Finished
+    shards are reused by a later call with the same ``meta``, so an interrupted run loses at most one shard. ``config`` gives ``shard_size`` and
     ``batch_size``; ``report`` (plus the poison, its config and seed) is written to ``root/report.json`` at the end.
     """
     shard_size, batch_size, desc = config.shard_size, config.batch_size, meta["poison"]
@@ -267,7 +279,7 @@ def craft_in_shards(
         else:
             for s in range(lo, hi, batch_size):
                 e = min(hi, s + batch_size)
-                out[s:e] = attack(images[s:e].float() / 255, labels[s:e], s)
+                out[s:e] = attack(images[s:e].to(device).float() / 255, labels[s:e].to(device), s).cpu()
                 bar.update(e - s)
             if store is not None:
                 store.write(shard, out[lo:hi].contiguous(), labels[lo:hi])

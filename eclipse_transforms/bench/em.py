@@ -52,6 +52,7 @@ from .crafting import (
     sgd,
     surrogate,
     train_batches,
+    uniform_like,
 )
 from .poisons import _check, _num_classes, register_poison
 
@@ -133,23 +134,28 @@ def min_min(
     progress: bool,
     view: View | None = None,
     extra: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """The min-min alternation shared by EM and the adaptive attack (``view``: what the surrogate sees)."""
+    """The min-min alternation shared by EM and the adaptive attack (``view``: what the surrogate sees).
+
+    The images, ``δ`` and the surrogate live on ``device`` (random numbers are drawn on the CPU, so the streams are
+    the same everywhere); checkpoints are read back onto it, so a run may resume on another device."""
     images, labels = _check(images, labels)
     meta = crafting_meta(name, seed, config, images, labels, **(extra or {}))
     store = CraftState(work_dir, meta)
-    model = surrogate(config.widths, _num_classes(labels), seed)
+    images, labels = images.to(device), labels.to(device)
+    model = surrogate(config.widths, _num_classes(labels), seed, device)
     opt = sgd(model, config.lr)
     state = store.load()
     if state is None:
         g = torch.Generator().manual_seed(derive_seed(f"{name}-init", seed))
-        delta = (torch.rand(images.shape, generator=g) * 2 - 1) * config.epsilon
+        delta = uniform_like(images, config.epsilon, g)
         delta = (images.float() / 255 + delta).clamp(0, 1) - images.float() / 255
         state = {"delta": delta, "round": 0, "cursor": {"epoch": 0, "offset": 0}, "accuracy": 0.0, "done": False}
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-    delta, cursor = state["delta"], dict(state["cursor"])
+    delta, cursor = state["delta"].to(device), dict(state["cursor"])
     # A checkpoint taken inside a perturbation pass: the surrogate is already trained and recalibrated for it.
     resume_at = state.get("minimise_from", 0)
     bar = tqdm(total=config.max_rounds, initial=state["round"], desc=name, unit="round", disable=not progress)
@@ -237,7 +243,7 @@ def min_min(
             **(extra or {}),
         }
     )
-    return quantize(perturbed(images, delta)).contiguous()
+    return quantize(perturbed(images, delta)).cpu().contiguous()
 
 
 @register_poison("em")
@@ -249,6 +255,7 @@ def em(
     config: EMConfig = EMConfig(),
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Sample-wise error-minimizing noise (min-min), resumable from ``work_dir``.
 
@@ -258,8 +265,11 @@ def em(
         work_dir: checkpoint folder; a run interrupted at any point resumes from its last finished round, and
             ``report.json`` there records the rounds, the surrogate's final accuracy and whether it converged.
         progress: show a tqdm bar over rounds.
+        device: where the surrogate and the perturbation live (``"cuda"`` on a GPU); the output is on the CPU.
 
     Returns:
         uint8 poisoned images ``(N, 3, H, W)``.
     """
-    return min_min(images, labels, name="em", seed=seed, config=config, work_dir=work_dir, progress=progress)
+    return min_min(
+        images, labels, name="em", seed=seed, config=config, work_dir=work_dir, progress=progress, device=device
+    )

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .._images import derive_seed, quantize
 from .classifier import random_crop_flip
-from .crafting import CraftState, craft_in_shards, crafting_meta, freeze, sgd, surrogate, work_root
+from .crafting import CraftState, craft_in_shards, crafting_meta, freeze, sgd, surrogate, uniform_like, work_root
 from .poisons import _check, _num_classes, register_poison
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _robust_noise(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``δ`` minimising the EOT-averaged adversarial loss, and one adversarial view ``t(x + δ) + ρ`` of it."""
     eps = config.epsilon
-    d = (torch.rand(x.shape, generator=g) * 2 - 1) * eps
+    d = uniform_like(x, eps, g)
     d = (x + d).clamp(0, 1) - x
     for _ in range(config.pgd_steps):
         d.requires_grad_(True)
@@ -84,7 +84,7 @@ def _adversary(
 ) -> torch.Tensor:
     """Inner maximisation: L∞ PGD of radius ``ρ_a`` from a random start (the perturbation ``ρ``, detached)."""
     r = config.adversary_radius
-    rho = (torch.rand(v.shape, generator=g) * 2 - 1) * r
+    rho = uniform_like(v, r, g)
     for _ in range(config.adversary_steps):
         rho.requires_grad_(True)
         loss = nnf.cross_entropy(model((v + rho).clamp(0, 1).contiguous(memory_format=torch.channels_last)), y)
@@ -102,6 +102,7 @@ def rem(
     config: REMConfig = REMConfig(),
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Robust error-minimizing noise, resumable from ``work_dir`` (training checkpoints, then crafting shards).
 
@@ -110,6 +111,7 @@ def rem(
         config: the crafting settings (see :class:`REMConfig`).
         work_dir: checkpoint folder (``state.pt`` during training, ``shards/`` while crafting, ``report.json``).
         progress: show tqdm bars.
+        device: where the surrogate trains and the noise is crafted (``"cuda"`` on a GPU); the output is on the CPU.
 
     Returns:
         uint8 poisoned images ``(N, 3, H, W)``.
@@ -117,7 +119,7 @@ def rem(
     images, labels = _check(images, labels)
     meta = crafting_meta("rem", seed, config, images, labels)
     store = CraftState(work_dir, meta)
-    model = surrogate(config.widths, _num_classes(labels), seed)
+    model = surrogate(config.widths, _num_classes(labels), seed, device)
     opt = sgd(model, config.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, config.lr_decay_steps, 0.1)
     state = store.load() or {"step": 0}
@@ -130,7 +132,7 @@ def rem(
         step = state["step"]
         g = torch.Generator().manual_seed(derive_seed("rem-train", seed, step))
         idx = torch.randint(0, len(images), (config.batch_size,), generator=g)
-        x, y = images[idx].float() / 255, labels[idx]
+        x, y = images[idx].to(device).float() / 255, labels[idx].to(device)
         model.eval()  # crafting uses running statistics; the update below trains them
         freeze(model, True)
         _, adversarial = _robust_noise(model, x, y, config, g)
@@ -159,5 +161,5 @@ def rem(
     root = work_root(work_dir)
     report = {"train_steps": config.train_steps}
     return craft_in_shards(
-        images, labels, attack, root=root, meta=meta, config=config, progress=progress, report=report
+        images, labels, attack, root=root, meta=meta, config=config, progress=progress, report=report, device=device
     )

@@ -111,7 +111,9 @@ class BenchConfig:
     widths: tuple[int, ...] | None = field(default=None, metadata={"help": "override the compact net's widths"})
     t_star: int = field(default=100, metadata={"help": "ECLIPSE's diffusion timestep"})
     seed: int = field(default=0, metadata={"help": "seed of subset, poisons, purification and training"})
-    device: str = field(default="cpu", metadata={"help": "'cpu' or 'cuda' for purification and training"})
+    device: str = field(
+        default="cpu", metadata={"help": "'cpu' or 'cuda' for crafting model-based poisons, purification and training"}
+    )
     purify_batch_size: int = field(
         default=256,
         metadata={"help": "images per purification batch (results do not depend on it; a GPU wants thousands)"},
@@ -134,6 +136,10 @@ class BenchConfig:
             object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         if self.purify_batch_size < 1:
             raise ValueError(f"purify_batch_size must be >= 1, got {self.purify_batch_size}.")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}.") from None
 
     def recipe(self) -> Recipe:
         recipe = TIERS[self.tier].recipe
@@ -351,6 +357,8 @@ class _Run:
             options["work_dir"] = path.with_suffix(".work")
         if "progress" in accepted:
             options["progress"] = self.config.progress
+        if "device" in accepted:  # model-based poisons craft where the classifiers train
+            options["device"] = self.config.device
         start = time.perf_counter()
         images = fn(self.images, self.labels, seed=self.config.seed, **options)
         seconds = time.perf_counter() - start
@@ -452,6 +460,8 @@ def run_bench(config: BenchConfig, *, train: bool = True) -> dict[str, Any]:
     Returns:
         the results dictionary written to ``results.json``.
     """
+    if train and torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={config.device!r}, but torch sees no CUDA device here; use --device cpu.")
     run = _Run(config)
     run.out.mkdir(parents=True, exist_ok=True)
     _atomic_write(run.out / "bench_config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())

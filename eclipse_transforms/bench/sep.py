@@ -64,6 +64,7 @@ def _snapshots(
     num_classes: int,
     path: Path | None,
     progress: bool,
+    device: str | torch.device = "cpu",
 ) -> list[torch.nn.Module]:
     """The surrogate's checkpoints, evenly spaced over its epochs (trained once, kept in ``path``)."""
     if config.checkpoints > config.surrogate_epochs:
@@ -89,7 +90,9 @@ def _snapshots(
 
         def on_epoch(epoch: int, model: torch.nn.Module) -> None:
             if epoch in keep:
-                states[epoch] = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+                states[epoch] = {
+                    k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()
+                }
                 if work is not None:
                     work.mkdir(parents=True, exist_ok=True)
                     _atomic_write(work / f"epoch-{epoch}.safetensors", save(states[epoch]))
@@ -102,6 +105,7 @@ def _snapshots(
             seed=derive_seed("sep", seed),
             progress=progress,
             desc="sep surrogate",
+            device=device,
             on_epoch=on_epoch,
             checkpoint=work,
         )
@@ -114,7 +118,7 @@ def _snapshots(
     for epoch in sorted(states):
         model = build_model("compact", config.widths, num_classes)
         model.load_state_dict(states[epoch])
-        models.append(freeze(model.eval()))
+        models.append(freeze(model.to(device).eval()))
     return models
 
 
@@ -127,6 +131,7 @@ def sep(
     config: SEPConfig = SEPConfig(),
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Self-ensemble protection, resumable shard by shard from ``work_dir``.
 
@@ -135,6 +140,7 @@ def sep(
         config: the crafting settings (see :class:`SEPConfig`).
         work_dir: checkpoint folder (the surrogate's snapshots, finished shards, ``report.json``).
         progress: show tqdm bars.
+        device: where the surrogate trains and the noise is crafted (``"cuda"`` on a GPU); the output is on the CPU.
 
     Returns:
         uint8 poisoned images ``(N, 3, H, W)``.
@@ -144,7 +150,14 @@ def sep(
     meta = crafting_meta("sep", seed, config, images, labels)
     root = work_root(work_dir)
     models = _snapshots(
-        images, labels, config, seed, k, root / f"snapshots-{digest(meta)}.safetensors" if root else None, progress
+        images,
+        labels,
+        config,
+        seed,
+        k,
+        root / f"snapshots-{digest(meta)}.safetensors" if root else None,
+        progress,
+        device,
     )
 
     def attack(x: torch.Tensor, y: torch.Tensor, start: int) -> torch.Tensor:
@@ -161,5 +174,5 @@ def sep(
 
     report = {"snapshots": len(models), "target": f"(y + {config.target_offset}) mod K"}
     return craft_in_shards(
-        images, labels, attack, root=root, meta=meta, config=config, progress=progress, report=report
+        images, labels, attack, root=root, meta=meta, config=config, progress=progress, report=report, device=device
     )

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .._images import derive_seed, quantize
 from .classifier import Recipe, fit_classifier, random_crop_flip
-from .crafting import craft_in_shards, crafting_meta, digest, freeze, work_root
+from .crafting import craft_in_shards, crafting_meta, digest, freeze, uniform_like, work_root
 from .models import build_model
 from .poisons import _check, _num_classes, register_poison
 
@@ -63,12 +63,13 @@ def _surrogate(
     num_classes: int,
     path: Path | None,
     progress: bool,
+    device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
     recipe = Recipe(widths=config.widths, epochs=config.surrogate_epochs)
     if path is not None and path.is_file():
         model = build_model("compact", config.widths, num_classes)
         model.load_state_dict(load_file(path))
-        return model
+        return model.to(device)
     model, stats = fit_classifier(
         images,
         labels,
@@ -77,13 +78,14 @@ def _surrogate(
         seed=derive_seed("tap", seed),
         progress=progress,
         desc="tap surrogate",
+        device=device,
         checkpoint=path.with_suffix(".work") if path is not None else None,  # per-epoch: resumable
     )
     logger.info("tap surrogate: train accuracy %.4f in %.0f s", stats["train_accuracy"], stats["train_seconds"])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, path)
         shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
     return model
@@ -94,7 +96,7 @@ def _attack(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One restart on a batch: the perturbation and its per-image target loss (un-augmented)."""
     eps, step = config.epsilon, config.step_fraction * config.epsilon
-    d = (torch.rand(x.shape, generator=g) * 2 - 1) * eps
+    d = uniform_like(x, eps, g)
     d = (x + d).clamp(0, 1) - x
     for _ in range(config.iterations):
         d.requires_grad_(True)
@@ -119,6 +121,7 @@ def tap(
     config: TAPConfig = TAPConfig(),
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Targeted adversarial poisons toward ``(y + 1) mod K``, resumable shard by shard from ``work_dir``.
 
@@ -127,6 +130,7 @@ def tap(
         config: the crafting settings (see :class:`TAPConfig`).
         work_dir: checkpoint folder (the trained surrogate, finished shards, ``report.json``).
         progress: show tqdm bars.
+        device: where the surrogate trains and the noise is crafted (``"cuda"`` on a GPU); the output is on the CPU.
 
     Returns:
         uint8 poisoned images ``(N, 3, H, W)``.
@@ -137,7 +141,7 @@ def tap(
     root = work_root(work_dir)
     # The surrogate's file name carries the settings, so a changed config never reuses a stale surrogate.
     surrogate_path = root / f"surrogate-{digest(meta)}.safetensors" if root else None
-    model = _surrogate(images, labels, config, seed, k, surrogate_path, progress)
+    model = _surrogate(images, labels, config, seed, k, surrogate_path, progress, device)
     freeze(model.eval())
 
     def attack(x: torch.Tensor, y: torch.Tensor, start: int) -> torch.Tensor:
@@ -157,5 +161,5 @@ def tap(
 
     report = {"target": "(y + 1) mod K"}
     return craft_in_shards(
-        images, labels, attack, root=root, meta=meta, config=config, progress=progress, report=report
+        images, labels, attack, root=root, meta=meta, config=config, progress=progress, report=report, device=device
     )
