@@ -436,6 +436,20 @@ def test_runner_keeps_a_poison_variant_apart_from_its_default(toy_cifar, tmp_pat
     assert (tmp_path / "out" / "cells" / "urp[epsilon=16_255]__none.json").is_file()
     assert (tmp_path / "out" / "cells" / "urp__none.json").is_file()
     assert "| defense | URP | URP[epsilon=16/255] | mean |" in (tmp_path / "out" / "table.md").read_text()
+    # A later training run over one column adds to the folder's table instead of replacing it.
+    one = BenchConfig.from_dict({**config.to_dict(), "poisons": ["urp"], "defenses": ["iss-gray"]})
+    merged = run_bench(one)
+    assert merged["columns"] == ["urp", "urp[epsilon=16/255]"] and merged["defenses"] == ["none", "iss-gray"]
+    assert {(c["poison"], c["defense"]) for c in merged["cells"]} == {
+        ("urp", "none"),
+        ("urp[epsilon=16/255]", "none"),
+        ("urp", "iss-gray"),
+    }
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| defense | URP | URP[epsilon=16/255] | mean |" in table and "| iss-gray |" in table
+    assert json.loads((tmp_path / "out" / "bench_config.json").read_text())["poisons"] == merged["columns"]
+    # --report-only tabulates exactly what it is given.
+    assert run_bench(one, train=False)["columns"] == ["urp"]
     run = runner._Run(config)
     clean = run.images.float()
     for spec, budget in (("urp", 8), ("urp[epsilon=16/255]", 16)):

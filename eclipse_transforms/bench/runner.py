@@ -2,7 +2,7 @@
 
 Layout of ``output_dir``::
 
-    bench_config.json        # the resolved BenchConfig of the last run (training or --report-only)
+    bench_config.json        # the table's layout: the training runs' rows and columns together, or --report-only's
     cells/<poison>__<defense>.json  # <poison> as the column names it: "lsp", or a variant "rem[train_steps=1000]"
     results.json             # every cell of this config, with its config, seed, timings and library version
     table.md                 # rows = defenses, columns = clean, poisons, mean over poisons
@@ -451,11 +451,16 @@ class _Run:
 def run_bench(config: BenchConfig, *, train: bool = True) -> dict[str, Any]:
     """Run (or resume) every cell of ``config`` and write results.json, table.md and chart.png.
 
+    A training run adds its rows and columns to the folder's table: the outputs cover this run's poisons and
+    defenses after those of the folder's earlier runs of the same tier (their ``bench_config.json``), with every
+    cell that was run with these settings, so filling a table one row or column at a time keeps the rest of it.
+    The outputs are rewritten after every cell, re-reading ``bench_config.json``, so runs side by side in one
+    folder keep each other's entries.
+
     Args:
         config: the bench run.
-        train: ``False`` trains nothing: the outputs tabulate the cells already in ``cells/`` that were run with
-            ``config``'s settings (a table assembled from several runs over the same output folder); the others
-            show as missing.
+        train: ``False`` trains nothing: the outputs tabulate exactly ``config``'s poisons and defenses, from the
+            cells already in ``cells/`` that were run with its settings (the others show as missing).
 
     Returns:
         the results dictionary written to ``results.json``.
@@ -464,26 +469,54 @@ def run_bench(config: BenchConfig, *, train: bool = True) -> dict[str, Any]:
         raise ValueError(f"device={config.device!r}, but torch sees no CUDA device here; use --device cpu.")
     run = _Run(config)
     run.out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run.out / "bench_config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
-    columns = ([CLEAN] if config.clean else []) + list(config.poisons)
+    results = _publish(run, config, merge=train)
+    if train:
+        for poison in _columns(config):
+            for defense in config.defenses:
+                if run.run_cell(poison, defense) is not None:
+                    results = _publish(run, config, merge=True)  # after every cell, so a long run shows progress
+    return results
+
+
+def _columns(config: BenchConfig) -> list[str]:
+    return ([CLEAN] if config.clean else []) + list(config.poisons)
+
+
+def _layout(config: BenchConfig, out: Path) -> BenchConfig:
+    """``config`` with the poisons, defenses and clean column of the folder's earlier runs of the same tier first."""
+    try:
+        earlier = BenchConfig.from_dict({**json.loads((out / "bench_config.json").read_text()), "progress": False})
+    except (OSError, ValueError, TypeError):  # no earlier run, or one this version cannot read: this run alone
+        return config
+    if earlier.tier != config.tier:
+        return config
+    return dataclasses.replace(
+        config,
+        poisons=tuple(dict.fromkeys(earlier.poisons + config.poisons)),
+        defenses=tuple(dict.fromkeys(earlier.defenses + config.defenses)),
+        clean=earlier.clean or config.clean,
+    )
+
+
+def _publish(run: _Run, config: BenchConfig, *, merge: bool) -> dict[str, Any]:
+    """Tabulate the finished cells of the folder's layout and write bench_config.json and the outputs."""
+    layout = _layout(config, run.out) if merge else config
+    _atomic_write(run.out / "bench_config.json", (json.dumps(layout.to_dict(), indent=2) + "\n").encode())
     results: dict[str, Any] = {
-        "config": config.to_dict(),
-        "tier": {"name": config.tier, "about": TIERS[config.tier].about},
+        "config": layout.to_dict(),
+        "tier": {"name": layout.tier, "about": TIERS[layout.tier].about},
         "recipe": run.recipe.to_dict(),
-        "columns": columns,
-        "defenses": list(config.defenses),
+        "columns": _columns(layout),
+        "defenses": list(layout.defenses),
         "cells": [],
         "version": __version__,
     }
-    for poison in columns:
-        for defense in config.defenses:
-            cell = run.run_cell(poison, defense, train=train)
+    for poison in results["columns"]:
+        for defense in layout.defenses:
+            cell = run.run_cell(poison, defense, train=False)
             if cell is not None:
                 results["cells"].append(cell)
-                if train:  # after every cell, so a long run shows its progress
-                    _write_outputs(results, run.out)
-    if not train or not results["cells"]:
-        _write_outputs(results, run.out)
+    _write_outputs(results, run.out)
     return results
 
 
