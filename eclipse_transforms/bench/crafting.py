@@ -261,8 +261,9 @@ def craft_in_shards(
 
     ``attack(x, y, start)`` gets float images ``x`` in ``[0, 1]`` and their labels, both on ``device``, and the
     index of the batch's first image (to seed its randomness) and returns the poisoned batch as uint8. Finished
-    shards are reused by a later call with the same ``meta``, so an interrupted run loses at most one shard. ``config`` gives ``shard_size`` and
-    ``batch_size``; ``report`` (plus the poison, its config and seed) is written to ``root/report.json`` at the end.
+    shards are reused by a later call with the same ``meta``, so an interrupted run loses at most one shard.
+    ``config`` gives ``shard_size`` and ``batch_size``; ``report`` (plus the poison, its config and seed) is written
+    to ``root/report.json`` at the end.
     """
     shard_size, batch_size, desc = config.shard_size, config.batch_size, meta["poison"]
     store = None

@@ -303,8 +303,8 @@ def _poison_key(poison: str) -> tuple[Any, ...]:
     text, so a change of defaults keeps every result whose real settings did not change."""
     if poison == CLEAN:
         return (CLEAN,)
-    settings = poison_settings(poison)
-    return (parse_poison(poison)[0],) if settings is None else (parse_poison(poison)[0], settings)
+    name, settings = parse_poison(poison)[0], poison_settings(poison)
+    return (name,) if settings is None else (name, settings)
 
 
 class _Run:
