@@ -450,6 +450,11 @@ def test_runner_keeps_a_poison_variant_apart_from_its_default(toy_cifar, tmp_pat
     assert json.loads((tmp_path / "out" / "bench_config.json").read_text())["poisons"] == merged["columns"]
     # --report-only tabulates exactly what it is given.
     assert run_bench(one, train=False)["columns"] == ["urp"]
+    # Another tier's layout, or a bench_config.json this version cannot read, is not merged.
+    other = BenchConfig.from_dict({**config.to_dict(), "tier": "standard", "poisons": ["urp"], "defenses": ["none"]})
+    assert runner._layout(other, tmp_path / "out") == other
+    (tmp_path / "out" / "bench_config.json").write_text('{"poisons": ["no-such-poison"]}')
+    assert runner._layout(one, tmp_path / "out") == one
     run = runner._Run(config)
     clean = run.images.float()
     for spec, budget in (("urp", 8), ("urp[epsilon=16/255]", 16)):
