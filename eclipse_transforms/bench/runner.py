@@ -471,10 +471,11 @@ def run_bench(config: BenchConfig, *, train: bool = True) -> dict[str, Any]:
     run.out.mkdir(parents=True, exist_ok=True)
     results = _publish(run, config, merge=train)
     if train:
+        done = {(c["poison"], c["defense"]) for c in results["cells"]}  # finished with these settings: not retrained
         for poison in _columns(config):
             for defense in config.defenses:
-                if run.run_cell(poison, defense) is not None:
-                    results = _publish(run, config, merge=True)  # after every cell, so a long run shows progress
+                if (poison, defense) not in done and run.run_cell(poison, defense) is not None:
+                    results = _publish(run, config, merge=True)  # after every new cell, so a long run shows progress
     return results
 
 
