@@ -54,6 +54,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _atomic_write_json(path: Path, obj: Any, **dumps_options: Any) -> None:
+    """``obj`` as JSON text (``indent=2`` unless told otherwise) with a final newline, written atomically."""
+    _atomic_write(path, (json.dumps(obj, **{"indent": 2, **dumps_options}) + "\n").encode())
+
+
 class ShardStore:
     """The shards of one cache entry. ``meta`` is what the entry was built from; it is stored in the manifest."""
 
@@ -109,7 +114,7 @@ class ShardStore:
             "shard_size": self.shard_size,
             "shards": self.checksums,
         }
-        _atomic_write(self.root / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        _atomic_write_json(self.root / MANIFEST, manifest, indent=1, sort_keys=True)
 
     def read(self, i: int) -> dict[str, torch.Tensor]:
         """Load shard ``i``, refusing bytes that do not match the manifest's checksum."""

@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from eclipse_transforms.bench import classifier, runner
+from eclipse_transforms.bench import classifier, runner, specs
 from eclipse_transforms.bench.adp import ADPConfig
 from eclipse_transforms.bench.classifier import Recipe, random_crop_flip, train_classifier
 from eclipse_transforms.bench.defenses import DefenseContext, get_defense, grayscale, jpeg, list_defenses
 from eclipse_transforms.bench.rem import REMConfig
 from eclipse_transforms.bench.report import accuracy_grid, format_table
-from eclipse_transforms.bench.runner import BenchConfig, balanced_subset, parse_poison, run_bench, split_poisons
+from eclipse_transforms.bench.runner import BenchConfig, balanced_subset, run_bench
+from eclipse_transforms.bench.specs import parse_poison, split_poisons
 
 
 def test_random_crop_flip_is_a_crop_of_the_padded_image():
@@ -338,7 +339,7 @@ def test_committed_cells_match_the_current_keys(folder):
         defense = get_defense(cell["defense"], run.context)
         assert run.cell_key(cell["poison"], defense.options, cell["defense"]) == cell["key"], cell["poison"]
         if cell["poison_report"] is not None:  # a model-based poison: the column names what it was crafted with
-            assert runner.poison_settings(cell["poison"]) == cell["poison_report"]["config"], cell["poison"]
+            assert specs.poison_settings(cell["poison"]) == cell["poison_report"]["config"], cell["poison"]
 
 
 def test_keys_follow_the_real_settings_not_the_spec_text(toy_cifar, monkeypatch):
@@ -348,7 +349,7 @@ def test_keys_follow_the_real_settings_not_the_spec_text(toy_cifar, monkeypatch)
     before = run.cell_key("rem[train_steps=300,lr_decay_steps=120]", {}, "none")
     assert before != run.cell_key("rem", {}, "none")
     old_default = REMConfig(train_steps=300, lr_decay_steps=120)
-    monkeypatch.setattr(runner, "_crafting_config", lambda name: old_default if name == "rem" else None)
+    monkeypatch.setattr(specs, "_crafting_config", lambda name: old_default if name == "rem" else None)
     assert parse_poison("rem[train_steps=300,lr_decay_steps=120]")[2] == "rem"
     assert run.cell_key("rem", {}, "none") == before  # the same crafting under its new name keeps its key
     assert run.cell_key("rem[train_steps=2000]", {}, "none") != before
@@ -391,13 +392,11 @@ def test_poison_specs_parse_validate_and_canonicalise():
     assert overrides == {"adversary_radius": 0.0, "train_steps": 2000}
     assert parse_poison("rem[adversary_radius=4/255]") == ("rem", {}, "rem")  # the default: the plain poison
     assert parse_poison("urp[epsilon=16/255]")[1] == {"epsilon": pytest.approx(16 / 255)}
-    assert runner.poison_settings("rem") == REMConfig().to_dict()
-    assert runner.poison_settings("lsp") is None and runner.poison_settings("urp[epsilon=4/255]") == {
-        "epsilon": 4 / 255
-    }
-    config = runner.poison_call_options("adp[em.pgd_steps=10]")["config"]
+    assert specs.poison_settings("rem") == REMConfig().to_dict()
+    assert specs.poison_settings("lsp") is None and specs.poison_settings("urp[epsilon=4/255]") == {"epsilon": 4 / 255}
+    config = specs.poison_call_options("adp[em.pgd_steps=10]")["config"]
     assert config.em.pgd_steps == 10 and config.em.max_rounds == ADPConfig().em.max_rounds
-    assert runner.poison_call_options("rem[eot_samples=1]")["config"] == REMConfig(eot_samples=1)
+    assert specs.poison_call_options("rem[eot_samples=1]")["config"] == REMConfig(eot_samples=1)
     for spec, message in [
         ("rem[steps=3]", "rem has no setting 'steps'; settable: epsilon"),
         ("rem[train_steps=abc]", r"rem\[train_steps=abc\]: expected int \(default 1000\)"),

@@ -274,7 +274,7 @@ def test_recalibrate_bn_replaces_stale_statistics_with_exact_averages():
 
 
 def test_em_config_is_part_of_the_bench_keys():
-    from eclipse_transforms.bench.runner import poison_settings
+    from eclipse_transforms.bench.specs import poison_settings
 
     assert poison_settings("em") == EMConfig().to_dict() and EMConfig().bn_recalibration == 8
     assert poison_settings("adp")["em"]["bn_recalibration"] == 8

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
-from .._cache import ShardStore, _atomic_write
+from .._cache import ShardStore, _atomic_write, _atomic_write_json
 from .._images import derive_seed
 from .models import build_model
 
@@ -67,7 +67,7 @@ class CraftState:
     def report(self, report: dict[str, Any]) -> None:
         """Write ``report.json`` (what the run did: rounds, convergence, settings) beside the checkpoint."""
         if self.path is not None:
-            _atomic_write(self.path.parent / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+            _atomic_write_json(self.path.parent / "report.json", report)
 
     def save(self, state: dict[str, Any]) -> None:
         if self.path is None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from .._cache import _atomic_write
+from .._cache import _atomic_write, _atomic_write_json
 from .._data import load_image_set, load_indices
 from .._machine import hardware_name
 from .._version import __version__
@@ -42,12 +42,13 @@ from ..denoiser import bundled_weights_path
 from .classifier import Recipe, train_classifier
 from .crafting import digest
 from .defenses import DefenseContext, get_defense, list_defenses
-from .poisons import get_poison, list_poisons
+from .poisons import get_poison
 from .report import write_chart, write_table
+from .specs import parse_poison, poison_call_options, poison_settings, split_poisons
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BenchConfig", "TIERS", "parse_poison", "run_bench", "split_poisons"]
+__all__ = ["BenchConfig", "TIERS", "run_bench"]
 
 CLEAN = "clean"
 
@@ -177,124 +178,6 @@ def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.
     rng = np.random.default_rng(seed)
     picked = [rng.choice(np.flatnonzero(y == c), min(per_class, int((y == c).sum())), replace=False) for c in classes]
     return torch.from_numpy(np.sort(np.concatenate(picked)))
-
-
-def split_poisons(text: str) -> list[str]:
-    """Split ``"lsp,rem[train_steps=1000,adversary_radius=0]"`` at the commas outside brackets."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text + ","):
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        if depth not in (0, 1) or (i == len(text) and depth):
-            raise ValueError(f"poisons: unbalanced brackets in {text!r}; write e.g. 'rem[train_steps=1000]'.")
-        if ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _parse_value(poison: str, key: str, text: str, default: Any) -> Any:
-    """``text`` as the type of ``default``: bools as true/false, ints, floats (``4/255`` allowed)."""
-    try:
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            num, _, den = text.partition("/")
-            return float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        kind = "true or false" if isinstance(default, bool) else type(default).__name__
-        raise ValueError(f"poisons: {poison}[{key}={text}]: expected {kind} (default {default!r}).") from None
-    raise ValueError(f"poisons: {poison}[{key}=...]: only number and true/false settings can be set in a spec.")
-
-
-def _crafting_config(poison: str) -> Any:
-    """A model-based poison's default crafting config (the dataclass default of its ``config``), else None."""
-    param = inspect.signature(get_poison(poison)).parameters.get("config")
-    return param.default if param is not None and dataclasses.is_dataclass(param.default) else None
-
-
-def _settable(poison: str) -> dict[str, Any]:
-    """Every setting a spec may change, with its default: the poison's keyword arguments (model-free poisons) or
-    its crafting config's fields (model-based), nested configs as ``outer.inner``."""
-    config = _crafting_config(poison)
-    if config is None:
-        params = inspect.signature(get_poison(poison)).parameters
-        skip = {"images", "labels", "seed", "work_dir", "progress"}
-        return {k: p.default for k, p in params.items() if k not in skip and p.default is not p.empty}
-    settable = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            settable.update({f"{f.name}.{g.name}": getattr(value, g.name) for g in dataclasses.fields(value)})
-        else:
-            settable[f.name] = value
-    return settable
-
-
-def parse_poison(spec: str) -> tuple[str, dict[str, Any], str]:
-    """``"rem[train_steps=1000]"`` -> ``("rem", {"train_steps": 1000}, "rem[train_steps=1000]")``.
-
-    The third element is the canonical spec (lower case, keys sorted, settings equal to their default dropped):
-    the column's name and its cell files' prefix. A spec that changes nothing is the plain poison, whose cache
-    and cell keys it shares.
-    """
-    text = spec.strip().lower()
-    name, bracket, rest = text.partition("[")
-    name = name.strip()
-    if name not in list_poisons():
-        raise ValueError(f"poisons: unknown {[name]}; available: {', '.join(list_poisons())}.")
-    if not bracket:
-        return name, {}, name
-    if not rest.endswith("]"):
-        raise ValueError(f"poisons: {spec!r} must end with ']'; write e.g. 'rem[train_steps=1000]'.")
-    settable = _settable(name)
-    overrides, shown = {}, {}
-    for item in filter(None, (s.strip() for s in rest[:-1].split(","))):
-        key, eq, value = (s.strip() for s in item.partition("="))
-        if not eq or not value:
-            raise ValueError(f"poisons: {spec!r}: {item!r} is not key=value; write e.g. 'rem[train_steps=1000]'.")
-        if key not in settable:
-            known = ", ".join(k for k, v in settable.items() if isinstance(v, (bool, int, float))) or "none"
-            raise ValueError(f"poisons: {spec!r}: {name} has no setting {key!r}; settable: {known}.")
-        if key in overrides:
-            raise ValueError(f"poisons: {spec!r} sets {key!r} twice.")
-        parsed = _parse_value(name, key, value, settable[key])
-        if parsed != settable[key]:
-            overrides[key], shown[key] = parsed, value
-    canonical = name + ("[" + ",".join(f"{k}={shown[k]}" for k in sorted(shown)) + "]" if shown else "")
-    return name, dict(sorted(overrides.items())), canonical
-
-
-def poison_settings(poison: str) -> dict[str, Any] | None:
-    """A model-based poison's crafting config (its default, with a spec's changes) as a dict, part of its cache and
-    cell keys; for a model-free poison, the spec's changes to its keyword arguments, or None without any."""
-    name, overrides, _ = parse_poison(poison)
-    config = _crafting_config(name)
-    return (overrides or None) if config is None else _with_overrides(config, overrides).to_dict()
-
-
-def _with_overrides(config: Any, overrides: dict[str, Any]) -> Any:
-    nested: dict[str, dict[str, Any]] = {}
-    flat = {}
-    for key, value in overrides.items():
-        outer, dot, inner = key.partition(".")
-        if dot:
-            nested.setdefault(outer, {})[inner] = value
-        else:
-            flat[key] = value
-    for outer, changes in nested.items():
-        flat[outer] = dataclasses.replace(getattr(config, outer), **changes)
-    return dataclasses.replace(config, **flat)
-
-
-def poison_call_options(poison: str) -> dict[str, Any]:
-    """The keyword arguments a spec adds to the poison's call: ``config=`` (model-based) or its own keywords."""
-    name, overrides, _ = parse_poison(poison)
-    config = _crafting_config(name)
-    return overrides if config is None or not overrides else {"config": _with_overrides(config, overrides)}
 
 
 def _poison_key(poison: str) -> tuple[Any, ...]:
@@ -442,7 +325,7 @@ class _Run:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, (json.dumps(cell, indent=2) + "\n").encode())
+        _atomic_write_json(path, cell)
         shutil.rmtree(work, ignore_errors=True)
         logger.info("%s / %s: test accuracy %.4f", poison, defense_name, cell["test_accuracy"])
         return cell
@@ -502,7 +385,7 @@ def _layout(config: BenchConfig, out: Path) -> BenchConfig:
 def _publish(run: _Run, config: BenchConfig, *, merge: bool) -> dict[str, Any]:
     """Tabulate the finished cells of the folder's layout and write bench_config.json and the outputs."""
     layout = _layout(config, run.out) if merge else config
-    _atomic_write(run.out / "bench_config.json", (json.dumps(layout.to_dict(), indent=2) + "\n").encode())
+    _atomic_write_json(run.out / "bench_config.json", layout.to_dict())
     results: dict[str, Any] = {
         "config": layout.to_dict(),
         "tier": {"name": layout.tier, "about": TIERS[layout.tier].about},
@@ -522,6 +405,6 @@ def _publish(run: _Run, config: BenchConfig, *, merge: bool) -> dict[str, Any]:
 
 
 def _write_outputs(results: dict[str, Any], out: Path) -> None:
-    _atomic_write(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    _atomic_write_json(out / "results.json", results)
     write_table(results, out / "table.md")
     write_chart(results, out / "chart.png")
