@@ -99,7 +99,12 @@ def run_demo(
     residue_l2 = (purified - purified_clean).flatten(1).norm(dim=1).mean().item()
     return {
         "images": f"{len(clean)} x {tuple(clean.shape[1:])} from {source}",
-        "settings": f"t_star={purify.t_star}, steps={purify.steps or purify.t_star}, weights={purify.denoiser.source}",
+        "settings": f"t_star={purify.t_star}, steps={purify.steps or purify.t_star}, weights={purify.denoiser.source}"
+        + (
+            ""
+            if purify.denoiser.dtype == torch.float32
+            else f", dtype={str(purify.denoiser.dtype).removeprefix('torch.')}"
+        ),
         "PSNR poisoned vs clean": f"{_psnr(poisoned, clean):.2f} dB",
         "PSNR purified vs clean": f"{_psnr(purified, clean):.2f} dB",
         "poison L2 per image": f"{poison_l2:.3f}",

@@ -2,16 +2,21 @@
 
 Prints, in one run:
 - EclipsePurify images/s at batch sizes 1, 32 and 256 for the default setting (and the paper's sampler at 32);
+- the same at batch 256 in each precision of ``--dtypes`` (``load_denoiser(dtype=...)``) against float32, with
+  how far its uint8 output is from float32's (same images, same noise) and its PSNR against the clean images
+  (generated images, or with ``--data`` the first 256 CIFAR-10 test images outside the bundled sparse set);
 - PurifiedDataset.__getitem__ items/s (cached purified image + compensation + crop/flip) against a plain in-memory
   TensorDataset of the same uint8 images with the same crop/flip, both read in the same process.
 
     python examples/bench_throughput.py                 # bundled weights, generated images
-    python examples/bench_throughput.py --weights runs/my-ddpm --device cuda
+    python examples/bench_throughput.py --weights runs/my-ddpm --device cuda --dtypes float16,bfloat16
+    python examples/bench_throughput.py --only-precision --data ../shared/data/cifar10/cifar10.npz
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 
@@ -20,7 +25,9 @@ from torch.utils.data import TensorDataset
 from torchvision.transforms import v2
 
 from eclipse_transforms import DEFAULT_STEPS, EclipsePurify, PurifiedDataset, load_denoiser
+from eclipse_transforms._data import load_image_set, load_indices
 from eclipse_transforms._demo import generated_images
+from eclipse_transforms.denoiser import bundled_weights_path
 
 
 def rate(fn, n_items: int, repeats: int = 3) -> float:
@@ -43,11 +50,56 @@ def main() -> None:
     parser.add_argument("--weights", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dataset-size", type=int, default=1024)
+    parser.add_argument("--dtypes", default="bfloat16", help="precisions to compare with float32 (comma-separated)")
+    parser.add_argument("--only-precision", action="store_true", help="skip everything but the precision table")
+    parser.add_argument("--data", default=None, help="CIFAR-10 .npz or root: real images for the precision table")
     args = parser.parse_args()
     den = load_denoiser(args.weights, device=args.device)
     print(f"denoiser: {den}\ntorch threads: {torch.get_num_threads()}, device: {args.device}\n")
 
     images = generated_images(256, 32)
+    precision_table(args, images if args.data is None else held_out_cifar(args.data, 256))
+    if not args.only_precision:
+        sampler_table(den, images, args.device)
+        dataset_rates(den, args)
+
+
+def held_out_cifar(data: str, n: int) -> torch.Tensor:
+    """The first ``n`` CIFAR-10 test images outside the bundled denoiser's sparse set, float in [0, 1]."""
+    test = load_image_set(data, split="test")
+    sparse = set(load_indices(bundled_weights_path().parent / "cifar10_sparse_indices.json"))
+    keep = [i for i in range(len(test.labels)) if i not in sparse][:n]
+    return test.images[keep].float() / 255
+
+
+def precision_table(args: argparse.Namespace, images: torch.Tensor) -> None:
+    """Batch-256 throughput per precision, each against float32 measured in the same run on the same images."""
+    print(f"precision: {len(images)} {'generated' if args.data is None else 'held-out CIFAR-10 test'} images")
+    x = images.to(args.device)
+    print(
+        f"{'precision':<10} {'steps':>5} {'images/s':>9} {'speed-up':>9} {'max |d| (levels)':>17} "
+        f"{'pixels equal':>13} {'PSNR vs clean':>14}"
+    )
+    for steps in (DEFAULT_STEPS, 1):
+        base_rate, base = None, None
+        for name in ["float32", *(d.strip() for d in args.dtypes.split(",") if d.strip() != "float32")]:
+            den = load_denoiser(args.weights, device=args.device, dtype=name)
+            purify = EclipsePurify(den, t_star=100, steps=steps, seed=0, compensation=None)
+            speed = rate(lambda p=purify: p(x), len(x))
+            out = (purify(x) * 255).round().to(torch.uint8).cpu()  # the uint8 images a cache would hold
+            if base is None:
+                base_rate, base = speed, out
+            d = (out.int() - base.int()).abs()
+            mse = ((out.float() / 255 - images) ** 2).mean().item()
+            print(
+                f"{name:<10} {steps:>5} {speed:>9.1f} {speed / base_rate:>8.2f}x {d.max().item():>17} "
+                f"{(d == 0).float().mean().item():>12.1%} {10 * math.log10(1 / mse):>13.2f} dB",
+                flush=True,
+            )
+    print()
+
+
+def sampler_table(den, images: torch.Tensor, device: str) -> None:
     print(f"{'setting':<40} {'batch':>6} {'images/s':>10}")
     for steps, label in (
         (DEFAULT_STEPS, f"default ({DEFAULT_STEPS} steps)"),
@@ -57,14 +109,16 @@ def main() -> None:
     ):
         purify = EclipsePurify(den, t_star=100, steps=steps, seed=0, compensation=None)
         for batch in (1, 32, 256) if steps is not None else (32,):
-            x = images[:batch].to(args.device)
+            x = images[:batch].to(device)
             print(
                 f"{label:<40} {batch:>6} "
                 f"{rate(lambda p=purify, x=x: p(x), batch, repeats=1 if steps is None else 3):>10.2f}",
                 flush=True,
             )
 
-    # PurifiedDataset access rate vs a TensorDataset with the same augmentation, same process.
+
+def dataset_rates(den, args: argparse.Namespace) -> None:
+    """PurifiedDataset access rate vs a TensorDataset with the same augmentation, same process."""
     data = (generated_images(args.dataset_size, 32, seed=1) * 255).round().to(torch.uint8)
     labels = torch.arange(args.dataset_size) % 10
     aug = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])

@@ -38,6 +38,19 @@ def test_purify_npz_to_npz(tiny_folder, tmp_path):
     )
 
 
+def test_purify_in_bfloat16_is_cached_apart_from_float32(tiny_folder, tmp_path):
+    src = synthetic_npz(tmp_path / "in.npz", n=4)
+    args = purify_args(tiny_folder, tmp_path)
+    assert main(["--no-progress", "purify", str(src), str(tmp_path / "a.npz"), *args]) == 0
+    assert main(["--no-progress", "purify", str(src), str(tmp_path / "b.npz"), "--dtype", "bfloat16", *args]) == 0
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one cache entry per precision
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        diff = np.abs(a["images"].astype(int) - b["images"].astype(int))
+        assert diff.max() <= 12 and diff.mean() < 2  # the same noise, rounded differently
+    with pytest.raises(SystemExit):
+        main(["purify", str(src), str(tmp_path / "c.npz"), "--dtype", "int8", *args])
+
+
 def test_purify_image_folder_keeps_its_layout(tiny_folder, tmp_path):
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog"):

@@ -14,6 +14,7 @@ from diffusers import DDPMPipeline
 
 import eclipse_transforms.denoiser as denoiser_module
 from eclipse_transforms import Denoiser, EclipsePurify, load_denoiser
+from eclipse_transforms import functional as EF
 
 from .conftest import make_tiny_denoiser
 
@@ -45,6 +46,37 @@ def test_fingerprint_tracks_weights():
     assert a.fingerprint != b.fingerprint
     assert make_tiny_denoiser(seed=0).fingerprint == a.fingerprint
     assert make_tiny_denoiser(seed=0, t_max=30).fingerprint != a.fingerprint
+
+
+def test_lower_precision_loads_the_same_values_under_its_own_fingerprint(tmp_path):
+    make_tiny_denoiser().save_pretrained(tmp_path / "half", dtype=torch.float16)  # values exact in every dtype
+    full = load_denoiser(tmp_path / "half")
+    for dtype in (torch.bfloat16, "float16", "torch.bfloat16"):
+        low = load_denoiser(tmp_path / "half", dtype=dtype)
+        assert low.dtype == (torch.float16 if dtype == "float16" else torch.bfloat16)
+        assert all(p.dtype == low.dtype for p in low.unet.parameters())
+        # The same values in another precision give other outputs: a cache must not mistake one for the other.
+        assert low.fingerprint != full.fingerprint
+    assert load_denoiser(tmp_path / "half", dtype=torch.float32).fingerprint == full.fingerprint
+    back = load_denoiser(tmp_path / "half", dtype="bfloat16").to(torch.float32)
+    assert back.fingerprint != full.fingerprint  # bfloat16 rounded the weights
+    for bad in ("int8", torch.int64, "fp8"):
+        with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+            load_denoiser(tmp_path / "half", dtype=bad)
+
+
+def test_bfloat16_purification_is_close_to_float32():
+    den = make_tiny_denoiser()
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def gens():
+        return [torch.Generator().manual_seed(i) for i in range(len(x))]
+
+    full = EF.purify(x, den, 30, steps=3, generator=gens())
+    low = EF.purify(x, den.to(torch.bfloat16), 30, steps=3, generator=gens())
+    assert low.dtype == torch.float32 and low.shape == x.shape
+    err = (low - full).abs()
+    assert 0 < err.max() < 0.05 and err.mean() < 0.01  # rounded, not broken: same noise, nearly the same images
 
 
 def test_float16_save_loads_as_float32(tmp_path):
