@@ -75,7 +75,10 @@ class DiffusionTransform(ImageTransform):
     def extra_repr(self) -> str:
         # v2.Transform builds extra_repr from public attributes; the denoiser is summarised, not expanded.
         names = [n for n in ("t_star", "steps", "seed") if hasattr(self, n)]
-        return ", ".join([f"denoiser={self.denoiser.source!r}"] + [f"{n}={getattr(self, n)!r}" for n in names])
+        shown = [f"denoiser={self.denoiser.source!r}"] + [f"{n}={getattr(self, n)!r}" for n in names]
+        if self.denoiser.dtype != torch.float32:  # the default precision goes unsaid
+            shown.insert(1, f"dtype={self.denoiser.dtype}")
+        return ", ".join(shown)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"

@@ -176,7 +176,8 @@ class Denoiser(nn.Module):
         return (
             f"Denoiser(source={self.source!r}, params={params / 1e6:.2f}M, "
             f"block_out_channels={tuple(self.unet.config.block_out_channels)}, T={self.num_train_timesteps}, "
-            f"beta_schedule={self.scheduler.config.beta_schedule!r}, t_max={self.t_max}, device={self.device})"
+            f"beta_schedule={self.scheduler.config.beta_schedule!r}, t_max={self.t_max}, device={self.device}, "
+            f"dtype={self.dtype})"
         )
 
 
