@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,8 @@ class PurifiedDataset(Dataset):
         total = sum(len(self._store.shard_range(i)) for i in shards)
         logger.info("purifying %d images into %s", total, self.cache_path)
         bar = tqdm(total=total, desc="purify", disable=not self.progress, unit="img")
-        for shard in shards:
+        done, start_time = 0, time.perf_counter()
+        for n, shard in enumerate(shards, 1):
             indices = self._store.shard_range(shard)
             out = torch.empty((len(indices), *self.image_shape), dtype=torch.uint8)
             for start in range(0, len(indices), self.batch_size):
@@ -201,6 +203,12 @@ class PurifiedDataset(Dataset):
                 out[start : start + len(batch)] = quantize(y.cpu())
                 bar.update(len(batch))
             self._store.write(shard, out, self.labels[indices.start : indices.stop])
+            done += len(indices)
+            if not self.progress:  # without a bar, a long build in a log file still shows that it moves
+                rate = done / max(time.perf_counter() - start_time, 1e-9)
+                logger.info(
+                    "purified shard %d of %d (%d of %d images, %.1f images/s)", n, len(shards), done, total, rate
+                )
         bar.close()
 
     # -- access ------------------------------------------------------------------------------------------------

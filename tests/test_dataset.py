@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -243,3 +244,18 @@ def test_compensation_matches_the_transform_under_a_seed(purify, tmp_path):
     torch.manual_seed(5)
     expected = purify.compensation(tv_tensors.Image(ds.purified(3).float() / 255))
     assert torch.equal(got, expected)
+
+
+def test_a_build_without_progress_bars_logs_each_shard(purify, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="eclipse_transforms.dataset"):
+        build(purify, tmp_path)  # 10 images in shards of 4
+    shards = [r.getMessage() for r in caplog.records if r.getMessage().startswith("purified shard")]
+    assert [m.split(" images/s")[0].rsplit(",", 1)[0] for m in shards] == [
+        "purified shard 1 of 3 (4 of 10 images",
+        "purified shard 2 of 3 (8 of 10 images",
+        "purified shard 3 of 3 (10 of 10 images",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="eclipse_transforms.dataset"):
+        build(purify, tmp_path, progress=True)  # cached now; and with a bar nothing is logged per shard
+    assert not [r for r in caplog.records if r.getMessage().startswith("purified shard")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -108,9 +109,12 @@ def test_em_resume_inside_a_perturbation_pass_equals_uninterrupted(data, tmp_pat
 TAP_TINY = TAPConfig(iterations=3, restarts=2, batch_size=8, shard_size=16, surrogate_epochs=1, widths=(8, 8, 8))
 
 
-def test_tap_budget_determinism_target_and_resume(data, tmp_path, monkeypatch):
+def test_tap_budget_determinism_target_and_resume(data, tmp_path, monkeypatch, caplog):
     images, labels = data
-    out = tap(images, labels, seed=0, config=TAP_TINY, progress=False, work_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="eclipse_transforms.bench.crafting"):
+        out = tap(images, labels, seed=0, config=TAP_TINY, progress=False, work_dir=tmp_path)
+    logged = [r.getMessage() for r in caplog.records if "crafted" in r.getMessage()]
+    assert logged[-1] == "tap: shard 3 of 3 crafted (40 of 40 images)" and len(logged) == 3  # no bar: a log line
     change = (out.int() - images.int()).abs()
     assert out.dtype == torch.uint8 and out.shape == images.shape
     assert change.max() <= 8 and change.float().mean() > 1

@@ -284,6 +284,10 @@ def craft_in_shards(
                 bar.update(e - s)
             if store is not None:
                 store.write(shard, out[lo:hi].contiguous(), labels[lo:hi])
+            if not progress:  # without a bar, an hour-long crafting in a log file still shows that it moves
+                logger.info(
+                    "%s: shard %d of %d crafted (%d of %d images)", desc, shard + 1, num_shards, hi, len(images)
+                )
             continue
         bar.update(hi - lo)
     bar.close()
