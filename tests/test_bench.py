@@ -12,13 +12,12 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from eclipse_transforms.bench import classifier, runner, specs
-from eclipse_transforms.bench.adp import ADPConfig
 from eclipse_transforms.bench.classifier import Recipe, random_crop_flip, train_classifier
 from eclipse_transforms.bench.defenses import DefenseContext, get_defense, grayscale, jpeg, list_defenses
 from eclipse_transforms.bench.rem import REMConfig
 from eclipse_transforms.bench.report import accuracy_grid, format_table
 from eclipse_transforms.bench.runner import BenchConfig, balanced_subset, run_bench
-from eclipse_transforms.bench.specs import parse_poison, split_poisons
+from eclipse_transforms.bench.specs import parse_poison
 
 
 def test_random_crop_flip_is_a_crop_of_the_padded_image():
@@ -379,39 +378,6 @@ def test_bench_device_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no CUDA device here; use --device cpu"):
             run_bench(BenchConfig(data="x", device="cuda"))
-
-
-def test_poison_specs_parse_validate_and_canonicalise():
-    assert split_poisons(" lsp, rem[train_steps=1000,adversary_radius=0] ,ar,") == [
-        "lsp",
-        "rem[train_steps=1000,adversary_radius=0]",
-        "ar",
-    ]
-    name, overrides, canonical = parse_poison("REM[train_steps=2000, adversary_radius=0, pgd_steps=5]")
-    assert (name, canonical) == ("rem", "rem[adversary_radius=0,train_steps=2000]")  # sorted; defaults dropped
-    assert overrides == {"adversary_radius": 0.0, "train_steps": 2000}
-    assert parse_poison("rem[adversary_radius=4/255]") == ("rem", {}, "rem")  # the default: the plain poison
-    assert parse_poison("urp[epsilon=16/255]")[1] == {"epsilon": pytest.approx(16 / 255)}
-    assert specs.poison_settings("rem") == REMConfig().to_dict()
-    assert specs.poison_settings("lsp") is None and specs.poison_settings("urp[epsilon=4/255]") == {"epsilon": 4 / 255}
-    config = specs.poison_call_options("adp[em.pgd_steps=10]")["config"]
-    assert config.em.pgd_steps == 10 and config.em.max_rounds == ADPConfig().em.max_rounds
-    assert specs.poison_call_options("rem[eot_samples=1]")["config"] == REMConfig(eot_samples=1)
-    for spec, message in [
-        ("rem[steps=3]", "rem has no setting 'steps'; settable: epsilon"),
-        ("rem[train_steps=abc]", r"rem\[train_steps=abc\]: expected int \(default 1000\)"),
-        ("rem[train_steps]", "is not key=value"),
-        ("rem[train_steps=1,train_steps=2]", "sets 'train_steps' twice"),
-        ("rem[widths=8]", "only number and true/false settings"),
-        ("rem[train_steps=1", "unbalanced brackets"),
-        ("rem[a=1]],lsp", "unbalanced brackets"),
-        ("xyz[a=1]", r"unknown \['xyz'\]"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            BenchConfig(data="x", poisons=spec)
-    config = BenchConfig(data="x", poisons="lsp,rem[train_steps=2000,adversary_radius=0]")
-    assert config.poisons == ("lsp", "rem[adversary_radius=0,train_steps=2000]")
-    assert BenchConfig.from_dict(config.to_dict()) == config
 
 
 def test_runner_keeps_a_poison_variant_apart_from_its_default(toy_cifar, tmp_path):
