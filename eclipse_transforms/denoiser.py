@@ -252,9 +252,10 @@ def load_denoiser(
         device: where to put the UNet. Default: CPU.
         dtype: the UNet's compute precision: ``torch.float32`` (default), ``torch.bfloat16`` or ``torch.float16``
             (or their names). Lower precision is faster where the hardware has it (bfloat16 on CPUs with
-            AVX512-BF16 or AMX, both on GPUs) and changes purified images by less than one 8-bit level
-            (``examples/bench_throughput.py``); the scheduler's arithmetic stays in float32. It is part of
-            :attr:`Denoiser.fingerprint`, so cached purifications of different precisions never mix.
+            AVX512-BF16 or AMX, both on GPUs); bfloat16 moved the bundled weights' purified CIFAR-10 images by at
+            most one 8-bit level (``examples/bench_throughput.py``). The scheduler's arithmetic stays in float32.
+            The dtype is part of :attr:`Denoiser.fingerprint`, so cached purifications of different precisions
+            never mix.
         cache_dir: Hub cache folder. Default: huggingface_hub's (``HF_HOME`` / ``HF_HUB_CACHE``).
 
     Returns:
