@@ -20,6 +20,7 @@ __all__ = ["main"]
 
 
 def _add_purify_options(p: argparse.ArgumentParser) -> None:
+    from .denoiser import DTYPES
     from .purify import DEFAULT_STEPS
 
     p.add_argument("--weights", default=None, help="denoiser folder or Hub repo id (default: bundled CIFAR-10)")
@@ -36,7 +37,7 @@ def _add_purify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=("float32", "bfloat16", "float16"),
+        choices=tuple(DTYPES),
         help="the UNet's precision; bfloat16 is faster on CPUs with AVX512-BF16/AMX and on GPUs (default: float32)",
     )
 

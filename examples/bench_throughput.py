@@ -58,7 +58,7 @@ def main() -> None:
     print(f"denoiser: {den}\ntorch threads: {torch.get_num_threads()}, device: {args.device}\n")
 
     images = generated_images(256, 32)
-    precision_table(args, images if args.data is None else held_out_cifar(args.data, 256))
+    precision_table(den, args, images if args.data is None else held_out_cifar(args.data, 256))
     if not args.only_precision:
         sampler_table(den, images, args.device)
         dataset_rates(den, args)
@@ -72,19 +72,21 @@ def held_out_cifar(data: str, n: int) -> torch.Tensor:
     return test.images[keep].float() / 255
 
 
-def precision_table(args: argparse.Namespace, images: torch.Tensor) -> None:
-    """Batch-256 throughput per precision, each against float32 measured in the same run on the same images."""
+def precision_table(den, args: argparse.Namespace, images: torch.Tensor) -> None:
+    """Batch-256 throughput per precision, each against float32 (``den``) measured in the same run on the same
+    images."""
     print(f"precision: {len(images)} {'generated' if args.data is None else 'held-out CIFAR-10 test'} images")
     x = images.to(args.device)
     print(
         f"{'precision':<10} {'steps':>5} {'images/s':>9} {'speed-up':>9} {'max |d| (levels)':>17} "
         f"{'pixels equal':>13} {'PSNR vs clean':>14}"
     )
+    names = [d.strip() for d in args.dtypes.split(",") if d.strip() not in ("", "float32")]
+    denoisers = {"float32": den, **{n: load_denoiser(args.weights, device=args.device, dtype=n) for n in names}}
     for steps in (DEFAULT_STEPS, 1):
         base_rate, base = None, None
-        for name in ["float32", *(d.strip() for d in args.dtypes.split(",") if d.strip() != "float32")]:
-            den = load_denoiser(args.weights, device=args.device, dtype=name)
-            purify = EclipsePurify(den, t_star=100, steps=steps, seed=0, compensation=None)
+        for name, denoiser in denoisers.items():
+            purify = EclipsePurify(denoiser, t_star=100, steps=steps, seed=0, compensation=None)
             speed = rate(lambda p=purify: p(x), len(x))
             out = (purify(x) * 255).round().to(torch.uint8).cpu()  # the uint8 images a cache would hold
             if base is None:
