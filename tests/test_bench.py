@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 
@@ -80,6 +82,20 @@ def test_purifying_defenses_cache_through_purified_dataset(tiny_folder, tmp_path
     assert sizes == [512, 4096]  # the 25x costlier paper sampler checkpoints in smaller shards
 
 
+def test_purifying_defenses_record_and_cache_a_lower_precision_apart(tiny_folder, tmp_path):
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(6) % 2
+    fp32 = DefenseContext(weights=str(tiny_folder), cache_dir=str(tmp_path), t_star=6, progress=False)
+    bf16 = dataclasses.replace(fp32, dtype="bfloat16")
+    assert "dtype" not in get_defense("eclipse", fp32).options  # float32 cells keep the keys they had
+    assert get_defense("eclipse", bf16).options["dtype"] == "bfloat16"
+    assert "dtype" not in get_defense("compensation-only", bf16).options  # nothing to compute in bfloat16
+    full = get_defense("purify-only", fp32).prepare(images, labels)
+    half = get_defense("purify-only", bf16).prepare(images, labels)
+    assert len(list(tmp_path.glob("*/manifest.json"))) == 2  # two caches, not one overwritten
+    assert (full.int() - half.int()).abs().float().mean() < 8  # same purification, rounded differently
+
+
 def test_balanced_subset():
     labels = torch.arange(100) % 4
     idx = balanced_subset(labels, 20, seed=0)
@@ -150,6 +166,9 @@ def test_recipe_and_config_validation():
         BenchConfig(data="x", tier="huge")
     with pytest.raises(ValueError, match="purify_batch_size must be >= 1, got 0"):
         BenchConfig(data="x", purify_batch_size=0)
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        BenchConfig(data="x", dtype="int8")
+    assert BenchConfig(data="x", dtype="torch.bfloat16").dtype == "bfloat16"
     config = BenchConfig(data="x", poisons="LSP, ar", defenses=("none",), epochs=2)
     assert config.poisons == ("lsp", "ar") and config.recipe().epochs == 2
     assert BenchConfig.from_dict(config.to_dict()) == config
@@ -218,6 +237,12 @@ def test_runner_end_to_end_and_resume(toy_cifar, tiny_folder, tmp_path, monkeypa
     assert calls == ["ops/none"]
     run_bench(BenchConfig.from_dict({**config.to_dict(), "defenses": ["none"], "epochs": 2}))
     assert calls[1:] == ["clean/none", "urp/none", "ops/none"]
+    # ... and what they replace is set aside, never overwritten: the damaged file and the three 1-epoch results
+    aside = {p.name: p for p in (out / "cells" / "superseded").iterdir()}
+    assert "ops__none.unreadable.json" in aside and len(aside) == 4
+    kept = [json.loads(p.read_text()) for name, p in aside.items() if "unreadable" not in name]
+    assert sorted(c["poison"] for c in kept) == ["clean", "ops", "urp"]
+    assert all(c["recipe"]["epochs"] == 1 for c in kept)
 
     # Report only: trains nothing and tabulates just the cells run with these settings (the 2-epoch run
     # replaced the 'none' cells, so the 1-epoch config now finds them stale and leaves them out).

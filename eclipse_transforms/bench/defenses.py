@@ -31,6 +31,7 @@ from torchvision.transforms.v2 import functional as F
 from .. import functional as EF
 from ..compensation import CorruptionCompensation
 from ..dataset import PurifiedDataset
+from ..denoiser import load_denoiser
 from ..purify import DEFAULT_STEPS, EclipsePurify
 from ._registry import Registry
 
@@ -48,6 +49,7 @@ class DefenseContext:
     batch_size: int = 256
     device: str = "cpu"
     progress: bool = True
+    dtype: str = "float32"  # the denoiser's compute precision (see load_denoiser)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ def jpeg(images: torch.Tensor, quality: int = 10) -> torch.Tensor:
 
 def purified(images: torch.Tensor, labels: torch.Tensor, context: DefenseContext, steps: int | None) -> torch.Tensor:
     """ECLIPSE stages 1-2 of every image, through :class:`PurifiedDataset` (cached and resumable)."""
-    purify = EclipsePurify(context.weights, t_star=context.t_star, steps=steps, compensation=None)
+    denoiser = load_denoiser(context.weights, dtype=context.dtype)  # the dtype enters the cache key (fingerprint)
+    purify = EclipsePurify(denoiser, t_star=context.t_star, steps=steps, compensation=None)
     # The paper's sampler costs t* network evaluations per image (25x the default): smaller shards keep an
     # interrupted run's loss to minutes on a CPU (a 4,096-image shard would be hours). Other steps keep the default.
     shards = {"shard_size": 512} if steps is None else {}
@@ -156,6 +159,8 @@ def _eclipse(name: str, steps: int | None, compensate: bool) -> DefenseFactory:
                 "steps": "paper" if steps is None else steps,
                 "compensation": compensate,
                 "weights": context.weights or "bundled",
+                # only when not float32, so the float32 cells' keys stay what they were
+                **({"dtype": context.dtype} if context.dtype != "float32" else {}),
             },
         )
 
