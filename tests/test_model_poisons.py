@@ -208,6 +208,17 @@ def test_adp_crafts_through_the_defense(data, tiny_folder, tmp_path):
     assert report["defense"]["purifier_steps"] == 2 and report["denoiser"]
 
 
+def test_adp_can_differentiate_a_bfloat16_denoiser(data, tiny_folder):
+    images, labels = data
+    config = ADPConfig(em=TINY, weights=str(tiny_folder), t_star=20, purifier_steps=2, dtype="torch.bfloat16")
+    assert config.dtype == "bfloat16" and config.to_dict()["dtype"] == "bfloat16"
+    out = adp(images, labels, config=config, progress=False)
+    change = (out.int() - images.int()).abs()
+    assert out.dtype == torch.uint8 and change.max() <= 8 and change.float().mean() > 1
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        ADPConfig(dtype="int8")
+
+
 def test_differentiable_purify_matches_the_inference_path(tiny):
     from eclipse_transforms import functional as EF
 

@@ -27,15 +27,17 @@ def test_poison_specs_parse_validate_and_canonicalise():
     config = specs.poison_call_options("adp[em.pgd_steps=10]")["config"]
     assert config.em.pgd_steps == 10 and config.em.max_rounds == ADPConfig().em.max_rounds
     assert specs.poison_call_options("rem[eot_samples=1]")["config"] == REMConfig(eot_samples=1)
+    assert specs.poison_call_options("adp[dtype=bfloat16]")["config"].dtype == "bfloat16"  # a text setting
     for spec, message in [
         ("rem[steps=3]", "rem has no setting 'steps'; settable: epsilon"),
         ("rem[train_steps=abc]", r"rem\[train_steps=abc\]: expected int \(default 1000\)"),
         ("rem[train_steps]", "is not key=value"),
         ("rem[train_steps=1,train_steps=2]", "sets 'train_steps' twice"),
-        ("rem[widths=8]", "only number and true/false settings"),
+        ("rem[widths=8]", "only number, true/false and text settings"),
         ("rem[train_steps=1", "unbalanced brackets"),
         ("rem[a=1]],lsp", "unbalanced brackets"),
         ("xyz[a=1]", r"unknown \['xyz'\]"),
+        ("adp[dtype=int8]", r"'adp\[dtype=int8\]': dtype must be one of float32, bfloat16, float16"),
     ]:
         with pytest.raises(ValueError, match=message):
             BenchConfig(data="x", poisons=spec)

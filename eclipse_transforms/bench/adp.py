@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import functional as EF
-from ..denoiser import load_denoiser
+from ..denoiser import check_dtype, load_denoiser
 from .crafting import freeze
 from .em import EMConfig, min_min
 from .poisons import register_poison
@@ -38,8 +38,12 @@ class ADPConfig:
     weights: str | None = None  # the defender's denoiser (default: the bundled one)
     t_star: int = 100
     purifier_steps: int = 1  # ours: the defense uses 4; 1 keeps the UNet backward affordable
+    dtype: str = "float32"  # the attacker's UNet precision: "bfloat16" is ~2x faster on CPUs with AVX512-BF16
     p_gray: float = 0.4
     sigma: float = 0.05
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", str(check_dtype(self.dtype)).removeprefix("torch."))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -70,7 +74,7 @@ def adp(
     Returns:
         uint8 poisoned images ``(N, 3, H, W)``.
     """
-    denoiser = freeze(load_denoiser(config.weights, device=device))
+    denoiser = freeze(load_denoiser(config.weights, device=device, dtype=config.dtype))
 
     def through_defense(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         purified = EF.purify(x, denoiser, config.t_star, steps=config.purifier_steps, generator=g, differentiable=True)

@@ -33,7 +33,10 @@ def split_poisons(text: str) -> list[str]:
 
 
 def _parse_value(poison: str, key: str, text: str, default: Any) -> Any:
-    """``text`` as the type of ``default``: bools as true/false, ints, floats (``4/255`` allowed)."""
+    """``text`` as the type of ``default``: bools as true/false, ints, floats (``4/255`` allowed), strings as given
+    (e.g. ADP's ``dtype=bfloat16``; the config checks them)."""
+    if isinstance(default, str):
+        return text
     try:
         if isinstance(default, bool):
             if text.lower() not in ("true", "false", "1", "0"):
@@ -47,7 +50,7 @@ def _parse_value(poison: str, key: str, text: str, default: Any) -> Any:
     except (ValueError, ZeroDivisionError):
         kind = "true or false" if isinstance(default, bool) else type(default).__name__
         raise ValueError(f"poisons: {poison}[{key}={text}]: expected {kind} (default {default!r}).") from None
-    raise ValueError(f"poisons: {poison}[{key}=...]: only number and true/false settings can be set in a spec.")
+    raise ValueError(f"poisons: {poison}[{key}=...]: only number, true/false and text settings can be set in a spec.")
 
 
 def _crafting_config(poison: str) -> Any:
@@ -97,13 +100,19 @@ def parse_poison(spec: str) -> tuple[str, dict[str, Any], str]:
         if not eq or not value:
             raise ValueError(f"poisons: {spec!r}: {item!r} is not key=value; write e.g. 'rem[train_steps=1000]'.")
         if key not in settable:
-            known = ", ".join(k for k, v in settable.items() if isinstance(v, (bool, int, float))) or "none"
+            known = ", ".join(k for k, v in settable.items() if isinstance(v, (bool, int, float, str))) or "none"
             raise ValueError(f"poisons: {spec!r}: {name} has no setting {key!r}; settable: {known}.")
         if key in overrides:
             raise ValueError(f"poisons: {spec!r} sets {key!r} twice.")
         parsed = _parse_value(name, key, value, settable[key])
         if parsed != settable[key]:
             overrides[key], shown[key] = parsed, value
+    config = _crafting_config(name)
+    if config is not None:
+        try:  # the config checks its own values (e.g. ADP's dtype): fail here, naming the spec
+            _with_overrides(config, overrides)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"poisons: {spec!r}: {e}") from None
     canonical = name + ("[" + ",".join(f"{k}={shown[k]}" for k in sorted(shown)) + "]" if shown else "")
     return name, dict(sorted(overrides.items())), canonical
 
