@@ -343,7 +343,7 @@ def test_runner_on_real_cifar10_holds_out_the_sparse_set(tmp_path):
 
 
 @pytest.mark.cifar
-@pytest.mark.parametrize("folder", ["standard", "quick", "quick-tstar/t200", "quick-tstar/t300"])
+@pytest.mark.parametrize("folder", ["standard", "quick", "quick-tstar/t200", "quick-tstar/t300", "quick-bf16"])
 def test_committed_cells_match_the_current_keys(folder):
     """A change to the runner's keys would silently retrain (or orphan) every committed result."""
     from pathlib import Path
