@@ -232,6 +232,11 @@ def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return resolved
 
 
+def dtype_name(dtype: str | torch.dtype | None) -> str:
+    """``dtype``'s key in :data:`DTYPES` (``"bfloat16"`` for ``torch.bfloat16`` or ``"torch.bfloat16"``), checked."""
+    return str(check_dtype(dtype)).removeprefix("torch.")
+
+
 def load_denoiser(
     pretrained: str | os.PathLike | None = None,
     *,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import functional as EF
-from ..denoiser import check_dtype, load_denoiser
+from ..denoiser import dtype_name, load_denoiser
 from .crafting import freeze
 from .em import EMConfig, min_min
 from .poisons import register_poison
@@ -43,7 +43,7 @@ class ADPConfig:
     sigma: float = 0.05
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", str(check_dtype(self.dtype)).removeprefix("torch."))
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

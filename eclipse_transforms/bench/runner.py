@@ -39,7 +39,7 @@ from .._data import load_image_set, load_indices
 from .._machine import hardware_name
 from .._version import __version__
 from ..dataset import default_cache_dir
-from ..denoiser import bundled_weights_path, check_dtype
+from ..denoiser import bundled_weights_path, dtype_name
 from .classifier import Recipe, train_classifier
 from .crafting import digest
 from .defenses import DefenseContext, get_defense, list_defenses
@@ -143,7 +143,7 @@ class BenchConfig:
             raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {self.tier!r}.")
         if self.widths is not None:
             object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        object.__setattr__(self, "dtype", str(check_dtype(self.dtype)).removeprefix("torch."))
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if self.purify_batch_size < 1:
             raise ValueError(f"purify_batch_size must be >= 1, got {self.purify_batch_size}.")
         try:
