@@ -243,6 +243,17 @@ def test_runner_end_to_end_and_resume(toy_cifar, tiny_folder, tmp_path, monkeypa
     assert sorted(c["poison"] for c in kept) == ["clean", "ops", "urp"]
     assert all(c["recipe"]["epochs"] == 1 for c in kept)
 
+    # Set aside only when the settings differ: a cell with the same key (two identical runs side by side) is
+    # replaced in place, and a file that is valid JSON but not a cell is kept as "unknown".
+    cell_file = out / "cells" / "urp__none.json"
+    runner._Run._set_aside(cell_file, json.loads(cell_file.read_text())["key"])
+    assert cell_file.is_file() and len(list((out / "cells" / "superseded").iterdir())) == 4
+    cell_file.write_text("[1, 2]")
+    runner._Run._set_aside(cell_file, "abc")
+    assert not cell_file.exists() and (out / "cells" / "superseded" / "urp__none.unknown.json").is_file()
+    run_bench(BenchConfig.from_dict({**config.to_dict(), "defenses": ["none"], "epochs": 2}))
+    assert calls[3:] == ["urp/none"]
+
     # Report only: trains nothing and tabulates just the cells run with these settings (the 2-epoch run
     # replaced the 'none' cells, so the 1-epoch config now finds them stale and leaves them out).
     del calls[:]

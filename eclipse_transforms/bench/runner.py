@@ -270,15 +270,19 @@ class _Run:
         return digest(*parts, *settings)  # a changed crafting config retrains the cell
 
     @staticmethod
-    def _set_aside(path: Path) -> None:
+    def _set_aside(path: Path, key: str) -> None:
         """Move a cell run with other settings to ``cells/superseded/`` before its name is reused: a result is
-        never overwritten (a run into the wrong folder, with another ``--t-star`` or ``--dtype``, loses nothing)."""
+        never overwritten (a run into the wrong folder, with another ``--t-star`` or ``--dtype``, loses nothing).
+        A cell with ``key`` itself (two identical runs side by side) is simply replaced."""
         if not path.is_file():
             return
         try:
-            old_key = str(json.loads(path.read_text()).get("key", "unknown"))
-        except json.JSONDecodeError:
+            old = json.loads(path.read_text())
+            old_key = str(old.get("key", "unknown")) if isinstance(old, dict) else "unknown"
+        except (json.JSONDecodeError, UnicodeDecodeError):
             old_key = "unreadable"
+        if old_key == key:
+            return
         aside = path.parent / "superseded" / f"{path.stem}.{old_key[:12]}.json"
         aside.parent.mkdir(exist_ok=True)
         path.replace(aside)
@@ -350,7 +354,7 @@ class _Run:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._set_aside(path)
+        self._set_aside(path, key)
         _atomic_write_json(path, cell)
         shutil.rmtree(work, ignore_errors=True)
         logger.info("%s / %s: test accuracy %.4f", poison, defense_name, cell["test_accuracy"])
