@@ -252,7 +252,7 @@ def test_runner_end_to_end_and_resume(toy_cifar, tiny_folder, tmp_path, monkeypa
     runner._Run._set_aside(cell_file, "abc")
     assert not cell_file.exists() and (out / "cells" / "superseded" / "urp__none.unknown.json").is_file()
     run_bench(BenchConfig.from_dict({**config.to_dict(), "defenses": ["none"], "epochs": 2}))
-    assert calls[3:] == ["urp/none"]
+    assert calls[4:] == ["urp/none"]
 
     # Report only: trains nothing and tabulates just the cells run with these settings (the 2-epoch run
     # replaced the 'none' cells, so the 1-epoch config now finds them stale and leaves them out).
