@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -315,3 +316,31 @@ def test_model_based_poisons_craft_on_cuda(data, request, name):
     # The random streams are drawn on the CPU either way: independent streams would agree on ~6 % of the pixels,
     # the same streams on nearly all (floating-point differences flip a few signed steps).
     assert (gpu == cpu).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("name", ["em", "rem", "sep", "tap"])
+def test_model_based_poisons_craft_in_bfloat16(data, name):
+    images, labels = data
+    config = {"em": TINY, "rem": REM_TINY, "sep": SEP_TINY, "tap": TAP_TINY}[name]
+    assert "dtype" not in config.to_dict()  # float32: the keys every committed result was made with
+    half = dataclasses.replace(config, dtype=torch.bfloat16)
+    assert half.dtype == "bfloat16" and half.to_dict()["dtype"] == "bfloat16"
+    fn = get_poison(name)
+    out = fn(images, labels, config=half, progress=False)
+    change = (out.int() - images.int()).abs()
+    assert out.dtype == torch.uint8 and change.max() <= 8 and change.float().mean() > 0.5
+    assert torch.equal(out, fn(images, labels, config=half, progress=False))  # deterministic
+    # Another poison than float32's (the surrogate computed in bfloat16), from the same random streams.
+    reference = fn(images, labels, config=config, progress=False)
+    assert not torch.equal(out, reference) and (out == reference).float().mean() > 0.3
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        dataclasses.replace(config, dtype="int8")
+
+
+def test_crafting_dtype_is_settable_from_a_spec_and_keyed_only_when_not_float32():
+    from eclipse_transforms.bench.specs import parse_poison, poison_settings
+
+    assert "dtype" not in poison_settings("tap") and poison_settings("tap[dtype=bfloat16]")["dtype"] == "bfloat16"
+    assert poison_settings("em[dtype=float32]") == poison_settings("em")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        parse_poison("sep[dtype=int4]")

@@ -28,7 +28,6 @@ exactly. ``δ`` starts uniform in ``[-ε, ε]`` as in the release.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -42,12 +41,14 @@ from tqdm.auto import tqdm
 
 from .._images import derive_seed, quantize
 from .crafting import (
+    CraftingConfig,
     CraftState,
     View,
     accuracy,
     crafting_meta,
     freeze,
     perturbed,
+    precision,
     recalibrate_bn,
     sgd,
     surrogate,
@@ -62,7 +63,7 @@ __all__ = ["EMConfig", "em", "min_min"]
 
 
 @dataclass(frozen=True)
-class EMConfig:
+class EMConfig(CraftingConfig):
     """Settings of sample-wise error-minimizing noise; defaults are the paper's unless marked."""
 
     epsilon: float = 8 / 255
@@ -75,9 +76,7 @@ class EMConfig:
     lr: float = 0.1
     widths: tuple[int, ...] = (32, 64, 128)  # ours: the bench's compact CNN as surrogate
     bn_recalibration: int = 8  # ours: batches of x+δ that re-estimate BN statistics before each pass (0: off)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    dtype: str = "float32"  # ours: "bfloat16" crafts under autocast (CraftingConfig), ~1.7x faster on AVX512-BF16
 
 
 #: Seconds between checkpoints *inside* a perturbation pass (one pass over 50,000 images is about half an hour on
@@ -161,28 +160,29 @@ def min_min(
     bar = tqdm(total=config.max_rounds, initial=state["round"], desc=name, unit="round", disable=not progress)
     while not state["done"] and state["round"] < config.max_rounds:
         r = state["round"]
-        if not resume_at:
-            train_batches(
-                model,
-                opt,
-                images,
-                labels,
-                delta,
-                cursor,
-                config.train_batches,
-                config.batch_size,
-                derive_seed(f"{name}-data", seed),
-                view=view,
-            )
-            recalibrate_bn(
-                model,
-                images,
-                delta,
-                config.bn_recalibration,
-                config.batch_size,
-                derive_seed(f"{name}-bn", seed, r),
-                view=view,
-            )
+        with precision(config.dtype, device):  # the surrogate's arithmetic (CraftingConfig.dtype)
+            if not resume_at:
+                train_batches(
+                    model,
+                    opt,
+                    images,
+                    labels,
+                    delta,
+                    cursor,
+                    config.train_batches,
+                    config.batch_size,
+                    derive_seed(f"{name}-data", seed),
+                    view=view,
+                )
+                recalibrate_bn(
+                    model,
+                    images,
+                    delta,
+                    config.bn_recalibration,
+                    config.batch_size,
+                    derive_seed(f"{name}-bn", seed, r),
+                    view=view,
+                )
 
         def save_inside_pass(position: int, r: int = r, round_state: dict[str, Any] = state) -> None:
             store.save(
@@ -197,19 +197,20 @@ def min_min(
             )
             logger.info("%s round %d: checkpoint at image %d of %d", name, r + 1, position, len(images))
 
-        _minimise(
-            model,
-            images,
-            labels,
-            delta,
-            config,
-            view=view,
-            seed=derive_seed(name, seed, r),
-            start=resume_at,
-            save=save_inside_pass if store.path is not None else None,
-        )
-        resume_at = 0
-        acc = accuracy(model, images, labels, delta, view=view, seed=derive_seed(name, seed, r))
+        with precision(config.dtype, device):
+            _minimise(
+                model,
+                images,
+                labels,
+                delta,
+                config,
+                view=view,
+                seed=derive_seed(name, seed, r),
+                start=resume_at,
+                save=save_inside_pass if store.path is not None else None,
+            )
+            resume_at = 0
+            acc = accuracy(model, images, labels, delta, view=view, seed=derive_seed(name, seed, r))
         state = {
             "delta": delta,
             "round": r + 1,

@@ -14,11 +14,9 @@ budget (marked "ours") and the results JSON carries it; the algorithm is unchang
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as nnf
@@ -26,7 +24,18 @@ from tqdm.auto import tqdm
 
 from .._images import derive_seed, quantize
 from .classifier import random_crop_flip
-from .crafting import CraftState, craft_in_shards, crafting_meta, freeze, sgd, surrogate, uniform_like, work_root
+from .crafting import (
+    CraftingConfig,
+    CraftState,
+    craft_in_shards,
+    crafting_meta,
+    freeze,
+    precision,
+    sgd,
+    surrogate,
+    uniform_like,
+    work_root,
+)
 from .poisons import _check, _num_classes, register_poison
 
 logger = logging.getLogger(__name__)
@@ -35,7 +44,7 @@ __all__ = ["REMConfig", "rem"]
 
 
 @dataclass(frozen=True)
-class REMConfig:
+class REMConfig(CraftingConfig):
     """Robust EM settings: the release's radii and step sizes; reduced iteration counts are marked "ours"."""
 
     epsilon: float = 8 / 255
@@ -53,9 +62,7 @@ class REMConfig:
     checkpoint_steps: int = 25
     shard_size: int = 2048
     widths: tuple[int, ...] = (32, 64, 128)  # ours: the bench's compact CNN
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    dtype: str = "float32"  # ours: "bfloat16" crafts under autocast (CraftingConfig), ~1.7x faster on AVX512-BF16
 
 
 def _robust_noise(
@@ -135,10 +142,11 @@ def rem(
         x, y = images[idx].to(device).float() / 255, labels[idx].to(device)
         model.eval()  # crafting uses running statistics; the update below trains them
         freeze(model, True)
-        _, adversarial = _robust_noise(model, x, y, config, g)
-        freeze(model, False)
-        model.train()
-        loss = nnf.cross_entropy(model(adversarial.contiguous(memory_format=torch.channels_last)), y)
+        with precision(config.dtype, device):
+            _, adversarial = _robust_noise(model, x, y, config, g)
+            freeze(model, False)
+            model.train()
+            loss = nnf.cross_entropy(model(adversarial.contiguous(memory_format=torch.channels_last)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -155,7 +163,9 @@ def rem(
     freeze(model, True)
 
     def attack(x: torch.Tensor, y: torch.Tensor, start: int) -> torch.Tensor:
-        d, _ = _robust_noise(model, x, y, config, torch.Generator().manual_seed(derive_seed("rem-craft", seed, start)))
+        g = torch.Generator().manual_seed(derive_seed("rem-craft", seed, start))
+        with precision(config.dtype, device):
+            d, _ = _robust_noise(model, x, y, config, g)
         return quantize((x + d).clamp(0, 1))
 
     root = work_root(work_dir)

@@ -14,13 +14,11 @@ for ``surrogate_epochs`` (release: ResNet-18, 120 epochs). Crafting is shard-res
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as nnf
@@ -29,7 +27,7 @@ from safetensors.torch import load_file, save, save_file
 from .._cache import _atomic_write
 from .._images import derive_seed, quantize
 from .classifier import Recipe, fit_classifier
-from .crafting import craft_in_shards, crafting_meta, digest, freeze, work_root
+from .crafting import CraftingConfig, craft_in_shards, crafting_meta, digest, freeze, precision, work_root
 from .models import build_model
 from .poisons import _check, _num_classes, register_poison
 
@@ -39,7 +37,7 @@ __all__ = ["SEPConfig", "sep"]
 
 
 @dataclass(frozen=True)
-class SEPConfig:
+class SEPConfig(CraftingConfig):
     """Settings of self-ensemble protection; defaults are the release's unless marked."""
 
     epsilon: float = 8 / 255  # the bench's budget (paper headline: 2/255)
@@ -51,9 +49,7 @@ class SEPConfig:
     shard_size: int = 2048  # ours: the unit of checkpointing
     surrogate_epochs: int = 15  # ours (release: ResNet-18, 120 epochs)
     widths: tuple[int, ...] = (32, 64, 128)  # ours: the bench's compact CNN
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    dtype: str = "float32"  # ours: "bfloat16" crafts under autocast (CraftingConfig), ~1.7x faster on AVX512-BF16
 
 
 def _snapshots(
@@ -166,7 +162,8 @@ def sep(
         for _ in range(config.iterations):
             adv.requires_grad_(True)
             view = adv.contiguous(memory_format=torch.channels_last)
-            loss = sum(nnf.cross_entropy(m(view), target) for m in models) / len(models)
+            with precision(config.dtype, device):
+                loss = sum(nnf.cross_entropy(m(view), target) for m in models) / len(models)
             (grad,) = torch.autograd.grad(loss, adv)
             adv = adv.detach() - config.step_size * grad.sign()
             adv = torch.minimum(torch.maximum(adv, x - config.epsilon), x + config.epsilon).clamp(0, 1)

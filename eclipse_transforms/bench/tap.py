@@ -14,13 +14,11 @@ shard. The poisoned image is ``round(255 · clamp(x + δ, 0, 1))``: ``L∞ ≤ �
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as nnf
@@ -28,7 +26,16 @@ from safetensors.torch import load_file, save_file
 
 from .._images import derive_seed, quantize
 from .classifier import Recipe, fit_classifier, random_crop_flip
-from .crafting import craft_in_shards, crafting_meta, digest, freeze, uniform_like, work_root
+from .crafting import (
+    CraftingConfig,
+    craft_in_shards,
+    crafting_meta,
+    digest,
+    freeze,
+    precision,
+    uniform_like,
+    work_root,
+)
 from .models import build_model
 from .poisons import _check, _num_classes, register_poison
 
@@ -38,7 +45,7 @@ __all__ = ["TAPConfig", "tap"]
 
 
 @dataclass(frozen=True)
-class TAPConfig:
+class TAPConfig(CraftingConfig):
     """Settings of targeted adversarial poisoning; defaults are the paper's unless marked."""
 
     epsilon: float = 8 / 255
@@ -50,9 +57,7 @@ class TAPConfig:
     shard_size: int = 2048  # ours: the unit of checkpointing
     surrogate_epochs: int = 15  # ours: the bench's compact recipe (paper: ResNet-18, 40 epochs)
     widths: tuple[int, ...] = (32, 64, 128)  # ours: the bench's compact CNN
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    dtype: str = "float32"  # ours: "bfloat16" crafts under autocast (CraftingConfig), ~1.7x faster on AVX512-BF16
 
 
 def _surrogate(
@@ -148,9 +153,10 @@ def tap(
         target = (y + 1) % k
         best_d, best_loss = None, None
         for r in range(config.restarts):
-            d, loss = _attack(
-                model, x, target, config, torch.Generator().manual_seed(derive_seed("tap", seed, start, r))
-            )
+            with precision(config.dtype, device):
+                d, loss = _attack(
+                    model, x, target, config, torch.Generator().manual_seed(derive_seed("tap", seed, start, r))
+                )
             if best_d is None:
                 best_d, best_loss = d, loss
             else:
