@@ -344,3 +344,19 @@ def test_crafting_dtype_is_settable_from_a_spec_and_keyed_only_when_not_float32(
     assert poison_settings("em[dtype=float32]") == poison_settings("em")
     with pytest.raises(ValueError, match="dtype must be one of"):
         parse_poison("sep[dtype=int4]")
+
+
+def test_crafting_precision_sees_the_weights_change_inside_its_context():
+    # EM trains its surrogate inside one precision() context: the bfloat16 copies of the weights must follow the
+    # optimizer (autocast's weight cache made every forward reuse the first one's, and the surrogate never learnt).
+    from eclipse_transforms.bench.crafting import precision
+
+    model, x = torch.nn.Linear(4, 2), torch.randn(3, 4)
+    with precision("bfloat16"):
+        before = model(x)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        after = model(x)
+    assert before.dtype == torch.bfloat16 and not torch.allclose(before, after)
+    with precision("float32"):
+        assert model(x).dtype == torch.float32
