@@ -76,7 +76,7 @@ class EMConfig(CraftingConfig):
     lr: float = 0.1
     widths: tuple[int, ...] = (32, 64, 128)  # ours: the bench's compact CNN as surrogate
     bn_recalibration: int = 8  # ours: batches of x+δ that re-estimate BN statistics before each pass (0: off)
-    dtype: str = "float32"  # ours: "bfloat16" crafts under autocast (CraftingConfig), ~1.7x faster on AVX512-BF16
+    dtype: str = "float32"  # ours: "bfloat16" crafts under autocast (see CraftingConfig)
 
 
 #: Seconds between checkpoints *inside* a perturbation pass (one pass over 50,000 images is about half an hour on

@@ -49,7 +49,7 @@ class SEPConfig(CraftingConfig):
     shard_size: int = 2048  # ours: the unit of checkpointing
     surrogate_epochs: int = 15  # ours (release: ResNet-18, 120 epochs)
     widths: tuple[int, ...] = (32, 64, 128)  # ours: the bench's compact CNN
-    dtype: str = "float32"  # ours: "bfloat16" crafts under autocast (CraftingConfig), ~1.7x faster on AVX512-BF16
+    dtype: str = "float32"  # ours: "bfloat16" crafts under autocast (see CraftingConfig)
 
 
 def _snapshots(

@@ -57,7 +57,7 @@ class TAPConfig(CraftingConfig):
     shard_size: int = 2048  # ours: the unit of checkpointing
     surrogate_epochs: int = 15  # ours: the bench's compact recipe (paper: ResNet-18, 40 epochs)
     widths: tuple[int, ...] = (32, 64, 128)  # ours: the bench's compact CNN
-    dtype: str = "float32"  # ours: "bfloat16" crafts under autocast (CraftingConfig), ~1.7x faster on AVX512-BF16
+    dtype: str = "float32"  # ours: "bfloat16" crafts under autocast (see CraftingConfig)
 
 
 def _surrogate(
