@@ -56,8 +56,8 @@ class CraftingConfig:
     ``dtype`` (ours, default ``"float32"``): ``"bfloat16"`` (or ``"float16"``) runs the surrogate's arithmetic under
     :func:`torch.autocast` while crafting, with losses, ``δ`` and the weights in float32. On a CPU with
     AVX512-BF16, crafting ran 1.5-2.3x faster (``examples/bench_poisons.py --crafting``, 2 threads: EM 2.27, TAP
-    1.67, SEP 1.99, REM 1.47); elsewhere it may be slower. It is a different poison (another ``δ``), so it enters the keys, but only when not float32:
-    every float32 result keeps the key it had before the setting existed.
+    1.67, SEP 1.99, REM 1.47); elsewhere it may be slower. It is a different poison (another ``δ``), so it enters
+    the keys, but only when not float32: every float32 result keeps the key it had before the setting existed.
     """
 
     dtype: str
