@@ -176,6 +176,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_epilog() -> str:
+    from .bench import list_defenses, list_poisons
+    from .bench.specs import is_model_based
+
+    free = [p for p in list_poisons() if not is_model_based(p)]
+    crafted = [p for p in list_poisons() if is_model_based(p)]
+    return (
+        f"poisons: {', '.join(free)} (model-free: seconds); {', '.join(crafted)} (crafted with a surrogate network: "
+        "an hour or more on a 2-core CPU, cached in --cache-dir). A setting is changed as name[key=value], e.g. "
+        f"'em[dtype=bfloat16]'; an unknown key lists the settable ones. defenses: {', '.join(list_defenses())}."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eclipse-transforms", description=__doc__.split("\n")[0])
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -211,7 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.runner import BenchConfig
 
-    p = sub.add_parser("bench", help="train classifiers on poisoned data under each defense; write table and chart")
+    p = sub.add_parser(
+        "bench",
+        help="train classifiers on poisoned data under each defense; write table and chart",
+        epilog=_bench_epilog(),
+    )
     _add_config_options(p, BenchConfig, skip=("progress",))
     p.add_argument(
         "--report-only",

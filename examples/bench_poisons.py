@@ -21,12 +21,13 @@ import time
 import torch
 
 from eclipse_transforms.bench.em import EMConfig
-from eclipse_transforms.bench.poisons import get_poison
+from eclipse_transforms.bench.poisons import get_poison, list_poisons
 from eclipse_transforms.bench.rem import REMConfig
 from eclipse_transforms.bench.sep import SEPConfig
+from eclipse_transforms.bench.specs import is_model_based
 from eclipse_transforms.bench.tap import TAPConfig
 
-MODEL_FREE = ("urp", "lsp", "ar", "ops", "cuda")
+MODEL_FREE = [name for name in list_poisons() if not is_model_based(name)]
 
 #: The crafting workloads: the published step sizes and budgets, fewer iterations (what a full run repeats).
 WORKLOADS = {

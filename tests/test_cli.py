@@ -24,6 +24,21 @@ def test_demo_writes_a_grid(tiny_folder, tmp_path, capsys):
         assert im.size[0] > 8 * 8 and im.mode == "RGB"
 
 
+def test_bench_help_lists_every_poison_and_defense(capsys, monkeypatch):
+    from eclipse_transforms.bench import list_defenses, list_poisons
+
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps the epilog to the terminal's width
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    epilog = capsys.readouterr().out.split("poisons: ", 1)[1]
+    free = epilog.split(" (model-free")[0].split(", ")
+    crafted = epilog.split("; ", 1)[1].split(" (crafted")[0].split(", ")
+    assert free == ["ar", "cuda", "lsp", "ops", "urp"] and crafted == ["adp", "em", "rem", "sep", "tap"]
+    assert sorted(free + crafted) == list_poisons()
+    assert epilog.split("defenses: ")[1].strip().rstrip(".").split(", ") == list_defenses()
+
+
 def test_purify_npz_to_npz(tiny_folder, tmp_path):
     src = synthetic_npz(tmp_path / "in.npz", n=5)
     dst = tmp_path / "out.npz"

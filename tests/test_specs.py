@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eclipse_transforms.bench import specs
+from eclipse_transforms.bench import list_poisons, specs
 from eclipse_transforms.bench.adp import ADPConfig
 from eclipse_transforms.bench.rem import REMConfig
 from eclipse_transforms.bench.runner import BenchConfig
@@ -44,3 +44,11 @@ def test_poison_specs_parse_validate_and_canonicalise():
     config = BenchConfig(data="x", poisons="lsp,rem[train_steps=2000,adversary_radius=0]")
     assert config.poisons == ("lsp", "rem[adversary_radius=0,train_steps=2000]")
     assert BenchConfig.from_dict(config.to_dict()) == config
+
+
+def test_is_model_based_tells_crafted_poisons_from_model_free_ones():
+    crafted = [name for name in list_poisons() if specs.is_model_based(name)]
+    assert crafted == ["adp", "em", "rem", "sep", "tap"]
+    assert specs.is_model_based("em[dtype=bfloat16]") and not specs.is_model_based("lsp")
+    with pytest.raises(ValueError, match=r"unknown \['xyz'\]"):
+        specs.is_model_based("xyz")

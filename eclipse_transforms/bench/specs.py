@@ -16,7 +16,7 @@ from typing import Any
 
 from .poisons import get_poison, list_poisons
 
-__all__ = ["parse_poison", "poison_call_options", "poison_settings", "split_poisons"]
+__all__ = ["is_model_based", "parse_poison", "poison_call_options", "poison_settings", "split_poisons"]
 
 
 def split_poisons(text: str) -> list[str]:
@@ -57,6 +57,12 @@ def _crafting_config(poison: str) -> Any:
     """A model-based poison's default crafting config (the dataclass default of its ``config``), else None."""
     param = inspect.signature(get_poison(poison)).parameters.get("config")
     return param.default if param is not None and dataclasses.is_dataclass(param.default) else None
+
+
+def is_model_based(poison: str) -> bool:
+    """Whether a registered poison is crafted with a surrogate network (it takes a crafting ``config``): hours on a
+    CPU where a model-free poison takes seconds."""
+    return _crafting_config(parse_poison(poison)[0]) is not None
 
 
 def _settable(poison: str) -> dict[str, Any]:
