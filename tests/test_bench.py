@@ -265,6 +265,7 @@ def test_runner_end_to_end_and_resume(toy_cifar, tiny_folder, tmp_path, monkeypa
     assert json.loads((out / "results.json").read_text())["cells"] == report["cells"]
     written = json.loads((out / "bench_config.json").read_text())
     assert written == {k: v for k, v in config.to_dict().items() if k != "progress"}  # describes the table
+    assert json.loads((out / "results.json").read_text())["config"] == written
     assert "| none | — | — | — | — |" in (out / "table.md").read_text()
     two_epochs = BenchConfig.from_dict({**config.to_dict(), "epochs": 2, "poisons": ["ops"], "clean": False})
     assert [(c["poison"], c["defense"]) for c in run_bench(two_epochs, train=False)["cells"]] == [("ops", "none")]

@@ -415,10 +415,11 @@ def _layout(config: BenchConfig, out: Path) -> BenchConfig:
 def _publish(run: _Run, config: BenchConfig, *, merge: bool) -> dict[str, Any]:
     """Tabulate the finished cells of the folder's layout and write bench_config.json and the outputs."""
     layout = _layout(config, run.out) if merge else config
-    # the table's settings; not ``progress``, a run-time option that would flip the file with --no-progress
-    _atomic_write_json(run.out / "bench_config.json", {k: v for k, v in layout.to_dict().items() if k != "progress"})
+    # the table's settings; not ``progress``, a run-time option that would flip the files with --no-progress
+    settings = {k: v for k, v in layout.to_dict().items() if k != "progress"}
+    _atomic_write_json(run.out / "bench_config.json", settings)
     results: dict[str, Any] = {
-        "config": layout.to_dict(),
+        "config": settings,
         "tier": {"name": layout.tier, "about": TIERS[layout.tier].about},
         "recipe": run.recipe.to_dict(),
         "columns": _columns(layout),
