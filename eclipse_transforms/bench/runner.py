@@ -399,7 +399,7 @@ def _columns(config: BenchConfig) -> list[str]:
 def _layout(config: BenchConfig, out: Path) -> BenchConfig:
     """``config`` with the poisons, defenses and clean column of the folder's earlier runs of the same tier first."""
     try:
-        earlier = BenchConfig.from_dict({**json.loads((out / "bench_config.json").read_text()), "progress": False})
+        earlier = BenchConfig.from_dict(json.loads((out / "bench_config.json").read_text()))
     except (OSError, ValueError, TypeError):  # no earlier run, or one this version cannot read: this run alone
         return config
     if earlier.tier != config.tier:
