@@ -3,13 +3,15 @@
 Prints, in one run:
 - each model-free poison (``urp``, ``lsp``, ``ar``, ``ops``, ``cuda``) on N generated CIFAR-sized images: seconds,
   images/s and the size of the perturbation;
-- with ``--crafting``, each model-based poison (``em``, ``tap``, ``sep``, ``rem``) on a small fixed workload (their
-  iteration counts cut, stated in the output) in float32 and in each precision of ``--dtypes`` (the
-  config's ``dtype``: the surrogate under ``torch.autocast``), best of ``--repeats`` alternating runs, with the
-  speed-up over float32 measured in the same run and how many pixels of the two outputs agree.
+- with ``--crafting``, each model-based poison (``em``, ``tap``, ``sep``, ``rem``, ``adp``; ``--poisons`` picks
+  some) on a small fixed workload (their iteration counts cut, stated in the output) in float32 and in each
+  precision of ``--dtypes`` (the config's ``dtype``: the surrogate under ``torch.autocast``; for ``adp`` the
+  attacker's copy of the denoiser), best of ``--repeats`` alternating runs, with the speed-up over float32
+  measured in the same run and how many pixels of the two outputs agree.
 
     python examples/bench_poisons.py --num-images 50000
     python examples/bench_poisons.py --skip-model-free --crafting --dtypes bfloat16
+    python examples/bench_poisons.py --skip-model-free --crafting --poisons adp --crafting-images 256
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 
 import torch
 
+from eclipse_transforms.bench.adp import ADPConfig
 from eclipse_transforms.bench.em import EMConfig
 from eclipse_transforms.bench.poisons import get_poison, list_poisons
 from eclipse_transforms.bench.rem import REMConfig
@@ -35,6 +38,7 @@ WORKLOADS = {
     "tap": TAPConfig(iterations=25, surrogate_epochs=1),  # 25 of the 250 steps; a 1-epoch surrogate
     "sep": SEPConfig(iterations=10, checkpoints=1, surrogate_epochs=1),  # 10 of 30 steps, one snapshot
     "rem": REMConfig(train_steps=5, checkpoint_steps=5),  # 5 surrogate steps, then the crafting pass
+    "adp": ADPConfig(em=EMConfig(pgd_steps=5, max_rounds=1)),  # one round: a 5-step pass through the defense
 }
 
 
@@ -58,10 +62,11 @@ def model_free(num_images: int) -> None:
         )
 
 
-def crafting(num_images: int, dtypes: list[str], repeats: int) -> None:
+def crafting(num_images: int, dtypes: list[str], repeats: int, poisons: list[str]) -> None:
     images, labels = images_and_labels(num_images)
     print(f"\nmodel-based crafting on {num_images} images, {torch.get_num_threads()} threads (best of {repeats})")
-    for name, config in WORKLOADS.items():
+    for name in poisons:
+        config = WORKLOADS[name]
         configs = {d: dataclasses.replace(config, dtype=d) for d in ["float32", *dtypes]}
         best = dict.fromkeys(configs, float("inf"))
         outputs = {}
@@ -70,7 +75,9 @@ def crafting(num_images: int, dtypes: list[str], repeats: int) -> None:
                 t0 = time.perf_counter()
                 outputs[d] = get_poison(name)(images, labels, seed=0, config=c, progress=False)
                 best[d] = min(best[d], time.perf_counter() - t0)
-        changed = {k: v for k, v in dataclasses.asdict(config).items() if v != getattr(type(config)(), k)}
+        default = type(config)()
+        changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        changed = {k: v for k, v in changed.items() if v != getattr(default, k)}
         print(f"{name} {changed}")
         for d in configs:
             same = (outputs[d] == outputs["float32"]).float().mean().item()
@@ -90,11 +97,17 @@ def main() -> None:
     parser.add_argument("--crafting-images", type=int, default=1024)
     parser.add_argument("--dtypes", default="bfloat16", help="precisions to compare with float32 (comma-separated)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--poisons", default=",".join(WORKLOADS), help="model-based poisons to time (comma-separated)")
     args = parser.parse_args()
+    poisons = [p for p in args.poisons.split(",") if p]
+    unknown = sorted(set(poisons) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"--poisons: unknown {unknown}; choose from {', '.join(WORKLOADS)}")
     if not args.skip_model_free:
         model_free(args.num_images)
     if args.crafting:
-        crafting(args.crafting_images, [d for d in args.dtypes.split(",") if d and d != "float32"], args.repeats)
+        dtypes = [d for d in args.dtypes.split(",") if d and d != "float32"]
+        crafting(args.crafting_images, dtypes, args.repeats, poisons)
 
 
 if __name__ == "__main__":
