@@ -38,7 +38,8 @@ WORKLOADS = {
     "tap": TAPConfig(iterations=25, surrogate_epochs=1),  # 25 of the 250 steps; a 1-epoch surrogate
     "sep": SEPConfig(iterations=10, checkpoints=1, surrogate_epochs=1),  # 10 of 30 steps, one snapshot
     "rem": REMConfig(train_steps=5, checkpoint_steps=5),  # 5 surrogate steps, then the crafting pass
-    "adp": ADPConfig(em=EMConfig(pgd_steps=5, max_rounds=1)),  # one round: a 5-step pass through the defense
+    # one round of ADP's own EM settings: 10 training batches and a pass through the defense
+    "adp": ADPConfig(em=dataclasses.replace(ADPConfig.em, max_rounds=1)),
 }
 
 
