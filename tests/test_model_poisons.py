@@ -59,7 +59,7 @@ def test_em_stops_when_the_surrogate_fits(data, tmp_path):
     assert report["rounds"] == 1 and report["converged"] is True
 
 
-def test_em_resume_after_interruption_equals_uninterrupted(data, tmp_path, monkeypatch):
+def test_em_resume_after_interruption_equals_uninterrupted(data, tmp_path, monkeypatch, caplog):
     images, labels = data
     expected = em(images, labels, seed=0, config=TINY, progress=False)
     real, calls = em_module._minimise, []
@@ -74,14 +74,16 @@ def test_em_resume_after_interruption_equals_uninterrupted(data, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path)
     monkeypatch.setattr(em_module, "_minimise", real)
-    resumed = em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="eclipse_transforms.bench.em"):
+        resumed = em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path)
+    assert f"em: resuming after round 1 of at most {TINY.max_rounds}" in [r.getMessage() for r in caplog.records]
     assert torch.equal(resumed, expected)
     # A damaged checkpoint is not trusted: the run starts over and still gives the same poison.
     (tmp_path / "state.pt").write_bytes(b"garbage")
     assert torch.equal(em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path), expected)
 
 
-def test_em_resume_inside_a_perturbation_pass_equals_uninterrupted(data, tmp_path, monkeypatch):
+def test_em_resume_inside_a_perturbation_pass_equals_uninterrupted(data, tmp_path, monkeypatch, caplog):
     images, labels = data  # 40 images in batches of 16: a pass has three batches
     expected = em(images, labels, seed=0, config=TINY, progress=False)
     monkeypatch.setattr(em_module, "SAVE_EVERY_SECONDS", -1.0)  # checkpoint at every batch boundary
@@ -102,7 +104,9 @@ def test_em_resume_inside_a_perturbation_pass_equals_uninterrupted(data, tmp_pat
     real_train = em_module.train_batches
     monkeypatch.setattr(em_module, "train_batches", lambda *a, **k: calls.append(1) or real_train(*a, **k))
     monkeypatch.setattr(em_module.CraftState, "save", real_save)
-    resumed = em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="eclipse_transforms.bench.em"):
+        resumed = em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path)
+    assert "em round 2: resuming at image 16 of 40" in [r.getMessage() for r in caplog.records]
     assert len(calls) == 1  # round 2 went on where it stopped (no retraining); only round 3 trained
     assert torch.equal(resumed, expected)
 

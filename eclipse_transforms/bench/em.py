@@ -157,6 +157,10 @@ def min_min(
     delta, cursor = state["delta"].to(device), dict(state["cursor"])
     # A checkpoint taken inside a perturbation pass: the surrogate is already trained and recalibrated for it.
     resume_at = state.get("minimise_from", 0)
+    if resume_at:
+        logger.info("%s round %d: resuming at image %d of %d", name, state["round"] + 1, resume_at, len(images))
+    elif state["round"]:
+        logger.info("%s: resuming after round %d of at most %d", name, state["round"], config.max_rounds)
     bar = tqdm(total=config.max_rounds, initial=state["round"], desc=name, unit="round", disable=not progress)
     while not state["done"] and state["round"] < config.max_rounds:
         r = state["round"]
