@@ -74,9 +74,11 @@ def test_em_resume_after_interruption_equals_uninterrupted(data, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path)
     monkeypatch.setattr(em_module, "_minimise", real)
-    with caplog.at_level(logging.INFO, logger="eclipse_transforms.bench.em"):
+    with caplog.at_level(logging.INFO, logger="eclipse_transforms.bench"):
         resumed = em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path)
-    assert f"em: resuming after round 1 of at most {TINY.max_rounds}" in [r.getMessage() for r in caplog.records]
+    logged = [r.getMessage() for r in caplog.records]
+    assert f"resuming from checkpoint {tmp_path / 'state.pt'}" in logged
+    assert f"em: resuming after round 1 of at most {TINY.max_rounds}" in logged
     assert torch.equal(resumed, expected)
     # A damaged checkpoint is not trusted: the run starts over and still gives the same poison.
     (tmp_path / "state.pt").write_bytes(b"garbage")

@@ -103,6 +103,7 @@ class CraftState:
         if state.get("meta") != self.meta:
             logger.warning("checkpoint %s was made with other settings; starting over", self.path)
             return None
+        logger.info("resuming from checkpoint %s", self.path)
         return state
 
     def report(self, report: dict[str, Any]) -> None:
