@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from . import functional as EF
-from ._images import to_float_batch
+from ._images import check_int, to_float_batch
 from .denoiser import Denoiser, load_denoiser
 
 __all__ = ["ImageTransform"]
@@ -25,11 +26,43 @@ class ImageTransform(v2.Transform):
 
     Subclasses set ``accepts_uint8`` / ``check_range`` and implement ``_apply_batch(x, params)`` on a float32
     batch ``(N, C, H, W)``; conversion back to the input's type, shape, dtype and device happens here.
+
+    Which leaves are images differs from torchvision's heuristic on purpose, because an image that passes
+    through unpurified keeps its poison: every ``tv_tensors.Image``, every PIL image and every plain tensor with
+    three or more dimensions is transformed (torchvision transforms only the first plain tensor of a sample). A
+    lone plain tensor of fewer dimensions is transformed too, so that its shape is refused with a clear error.
+    Plain tensors of 0-2 dimensions beside an image (labels, scores) pass through. Numpy arrays and videos,
+    which torchvision passes through silently, are refused.
     """
 
     _transformed_types = (tv_tensors.Image, PIL.Image.Image, _is_pure_tensor)
     accepts_uint8: bool = True
     check_range: bool = True
+
+    def check_inputs(self, flat_inputs: list[Any]) -> None:
+        for inpt in flat_inputs:
+            if isinstance(inpt, np.ndarray) and inpt.ndim >= 2:
+                raise TypeError(
+                    f"{type(self).__name__} got a numpy array of shape {inpt.shape}, which it would pass through "
+                    "unchanged (poison included); convert images to tensors first: v2.ToImage() for (H, W, C) "
+                    "uint8 arrays, or torch.from_numpy(x).permute(2, 0, 1)."
+                )
+            if isinstance(inpt, tv_tensors.Video):
+                raise TypeError(
+                    f"{type(self).__name__} does not transform tv_tensors.Video; pass the frames as a "
+                    "tv_tensors.Image batch (T, C, H, W) instead."
+                )
+
+    def _needs_transform_list(self, flat_inputs: list[Any]) -> list[bool]:
+        def is_image(inpt: Any) -> bool:
+            return isinstance(inpt, (tv_tensors.Image, PIL.Image.Image)) or (_is_pure_tensor(inpt) and inpt.ndim >= 3)
+
+        needs = [is_image(inpt) for inpt in flat_inputs]
+        if not any(needs):  # no image at all: the first plain tensor is meant as one (and its shape is checked)
+            first = next((i for i, inpt in enumerate(flat_inputs) if _is_pure_tensor(inpt)), None)
+            if first is not None:
+                needs[first] = True
+        return needs
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         is_float_tensor = isinstance(inpt, torch.Tensor) and inpt.is_floating_point()
@@ -62,11 +95,9 @@ class DiffusionTransform(ImageTransform):
         super().__init__()
         if not isinstance(denoiser, Denoiser):
             denoiser = load_denoiser(denoiser, revision=revision)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}.")
         self.denoiser = denoiser
         self.t_star = EF.check_t_star(t_star, denoiser)
-        self.seed = seed
+        self.seed = check_int(seed, "seed", optional=True)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())

@@ -6,28 +6,40 @@ Layout of one cache entry (``root``)::
     shard-00000.safetensors     # {"images": uint8 (n, C, H, W), "labels": int64 (n,)}
     ...
 
+    .lock                       # held by the process that builds the entry
+
 A shard is written to a temporary file, flushed to disk and renamed into place, then its checksum is recorded
 in the manifest (itself replaced atomically). A shard is trusted only when its bytes hash to the recorded
-checksum, so a crash at any point leaves either a complete shard or one that is rebuilt.
+checksum, so a crash at any point leaves either a complete shard or one that is rebuilt; the next build
+deletes the temporary files a crash left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import operator
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from ._outputs import no_space
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
+# What _atomic_write names its temporary files in an entry: ".<name>.<random>.tmp".
+_TEMPORARIES = (".shard-*.safetensors.*.tmp", f".{MANIFEST}.*.tmp")
 
 
 def _umask() -> int:
@@ -60,24 +72,68 @@ def _atomic_write_json(path: Path, obj: Any, **dumps_options: Any) -> None:
 
 
 class ShardStore:
-    """The shards of one cache entry. ``meta`` is what the entry was built from; it is stored in the manifest."""
+    """The shards of one cache entry. ``meta`` is what the entry was built from; it is stored in the manifest.
+
+    Builders hold :meth:`lock` while they write, so two processes never build one entry at once; readers take
+    no lock and trust a shard only when its bytes match the manifest's checksum.
+    """
 
     def __init__(self, root: Path, num_items: int, shard_size: int, meta: dict[str, Any]) -> None:
         self.root = root
         self.num_items = num_items
         self.shard_size = shard_size
         self.meta = meta
-        self.checksums: dict[str, str] = {}
-        manifest = root / MANIFEST
-        if manifest.is_file():
-            try:
-                saved = json.loads(manifest.read_text())
-                if saved.get("meta") == meta:
-                    self.checksums = dict(saved.get("shards", {}))
-                else:
-                    logger.warning("cache manifest %s does not match these settings; rebuilding", manifest)
-            except (json.JSONDecodeError, AttributeError):
-                logger.warning("cache manifest %s is unreadable; rebuilding", manifest)
+        self.checksums: dict[str, str] = self._read_manifest()
+
+    def _read_manifest(self) -> dict[str, str]:
+        """The checksums of the manifest on disk; anything unreadable or built from other settings counts as none
+        (its shards are rebuilt), never as an error that would stop every later open."""
+        path = self.root / MANIFEST
+        if not path.is_file():
+            return {}
+        try:
+            saved = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            logger.warning("cache manifest %s is unreadable (%s); rebuilding", path, e)
+            return {}
+        if not isinstance(saved, dict) or saved.get("meta") != self.meta:
+            logger.warning("cache manifest %s does not match these settings; rebuilding", path)
+            return {}
+        shards = saved.get("shards")
+        if not isinstance(shards, dict) or not all(
+            isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in shards.items()
+        ):
+            logger.warning("cache manifest %s has no valid 'shards' table; rebuilding", path)
+            return {}
+        return {k: v for k, v in shards.items() if int(k) < self.num_shards}
+
+    def reload(self) -> None:
+        """Read the manifest again (another process may have written shards since)."""
+        self.checksums = self._read_manifest()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the entry's build lock; waits (and says so) while another process builds it."""
+        lock = FileLock(self.root / LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.warning("another process is building the cache %s; waiting for it to finish", self.root)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def stale_temporaries(self) -> list[Path]:
+        """Temporary files of shard and manifest writes; outside a build, a killed build left them."""
+        return [p for pattern in _TEMPORARIES for p in self.root.glob(pattern)]
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete the temporary files a killed build left behind (call while holding :meth:`lock`)."""
+        for path in self.stale_temporaries():
+            logger.info("removing %s, left by an interrupted build", path)
+            path.unlink(missing_ok=True)
 
     @property
     def num_shards(self) -> int:
@@ -106,22 +162,33 @@ class ShardStore:
         if images.shape[0] != expected or labels.shape[0] != expected:
             raise RuntimeError(f"shard {i} must hold {expected} items, got {images.shape[0]}.")
         data = st_save({"images": images.contiguous(), "labels": labels.contiguous()})
-        _atomic_write(self.shard_path(i), data)
-        self.checksums[str(i)] = hashlib.sha256(data).hexdigest()
-        manifest = {
-            "meta": self.meta,
-            "num_items": self.num_items,
-            "shard_size": self.shard_size,
-            "shards": self.checksums,
-        }
-        _atomic_write_json(self.root / MANIFEST, manifest, indent=1, sort_keys=True)
+        try:
+            _atomic_write(self.shard_path(i), data)
+            self.checksums[str(i)] = hashlib.sha256(data).hexdigest()
+            manifest = {
+                "meta": self.meta,
+                "num_items": self.num_items,
+                "shard_size": self.shard_size,
+                "shards": self.checksums,
+            }
+            _atomic_write_json(self.root / MANIFEST, manifest, indent=1, sort_keys=True)
+        except OSError as e:
+            raise no_space(
+                e,
+                f"shard {i} of the cache {self.root} (the shards already written are kept; "
+                "pass another cache_dir or set ECLIPSE_TRANSFORMS_CACHE to move the cache)",
+            ) from e
 
     def read(self, i: int) -> dict[str, torch.Tensor]:
         """Load shard ``i``, refusing bytes that do not match the manifest's checksum."""
+        i = operator.index(i)
         data = self.shard_path(i).read_bytes()
-        if hashlib.sha256(data).hexdigest() != self.checksums.get(str(i)):
-            raise RuntimeError(
-                f"cache shard {self.shard_path(i)} changed on disk since it was verified; construct the "
-                "PurifiedDataset again to rebuild it."
-            )
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.checksums.get(str(i)):
+            self.reload()  # another process may have rebuilt the shard since this one verified it
+            if digest != self.checksums.get(str(i)):
+                raise RuntimeError(
+                    f"cache shard {self.shard_path(i)} changed on disk since it was verified; construct the "
+                    "PurifiedDataset again to rebuild it."
+                )
         return st_load(data)

@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
+
+from ._images import as_index
 
 __all__ = ["ImageSet", "load_image_set", "load_indices", "find_cifar_root"]
 
@@ -51,13 +54,38 @@ def _as_nchw(images: np.ndarray, name: str) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).contiguous() if images.shape[-1] == 3 else t
 
 
+def _as_labels(labels: np.ndarray, name: str, num_images: int) -> torch.Tensor:
+    """int64 labels, one per image; floats only when whole numbers (nothing is silently truncated)."""
+    if labels.ndim != 1 or len(labels) != num_images:
+        raise ValueError(f"{name} must hold one label per image ({num_images}), got shape {labels.shape}.")
+    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels == np.round(labels)).all():
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"{name} must hold integer class indices, got dtype {labels.dtype}"
+            + (f" (e.g. {labels[labels != np.round(labels)][0].item()!r})" if labels.dtype.kind == "f" else "")
+            + "; labels are never rounded or truncated."
+        )
+    return torch.from_numpy(labels.astype(np.int64))
+
+
 def _load_npz(path: Path, split: str) -> ImageSet:
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"{path} is not a readable .npz archive ({type(e).__name__}); pass an .npz written by numpy.savez "
+            "with uint8 images under 'images' (and 'labels'), or a folder."
+        ) from e
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single .npy array, not an .npz archive; save it with numpy.savez.")
+    with archive as z:
         keys = set(z.files)
         for x_key, y_key in (NPZ_KEYS.get(split, ("", "")), ("images", "labels"), ("x", "y")):
             if x_key in keys:
-                labels = torch.from_numpy(z[y_key].astype(np.int64)) if y_key in keys else None
-                return ImageSet(_as_nchw(z[x_key], f"{path}:{x_key}"), labels, "npz")
+                images = _as_nchw(z[x_key], f"{path}:{x_key}")
+                labels = _as_labels(z[y_key], f"{path}:{y_key}", len(images)) if y_key in keys else None
+                return ImageSet(images, labels, "npz")
     raise ValueError(
         f"{path} has no image array: expected key 'images' (and 'labels'), or x_{split}/y_{split}; "
         f"found {sorted(keys)}."
@@ -106,12 +134,23 @@ class _CifarUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
 
 
-def _read_batch(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return {
-            k.decode() if isinstance(k, bytes) else k: v
-            for k, v in _CifarUnpickler(f, encoding="bytes").load().items()
-        }
+def _read_batch(path: Path, keys: tuple[str, ...]) -> dict:
+    """A CIFAR-10 batch file as a dict with str keys, holding at least ``keys``, or a ValueError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(
+            f"{path} is not a CIFAR-10 batch file ({type(e).__name__}: {e}); restore it from the original "
+            "cifar-10-python.tar.gz."
+        ) from e
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 batch file (it holds a {type(batch).__name__}, not a dict).")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"{path} is not a CIFAR-10 batch file: it has no {missing} (keys: {sorted(batch)}).")
+    return batch
 
 
 def _load_cifar(folder: Path, split: str) -> ImageSet:
@@ -121,15 +160,23 @@ def _load_cifar(folder: Path, split: str) -> ImageSet:
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} lacks {missing}; is it a complete torchvision CIFAR-10 root?")
-    batches = [_read_batch(folder / n) for n in names]
-    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
-    labels = torch.tensor([int(y) for b in batches for y in b["labels"]], dtype=torch.int64)
+    parts, labels = [], []
+    for n in names:
+        batch = _read_batch(folder / n, ("data", "labels"))
+        data, ys = np.asarray(batch["data"]), np.asarray(batch["labels"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or ys.shape != (len(data),):
+            raise ValueError(
+                f"{folder / n} is not a CIFAR-10 batch file: 'data' must be uint8 (N, 3072) with N labels, got "
+                f"{data.dtype} {data.shape} and {ys.shape[0] if ys.ndim else 0} labels."
+            )
+        parts.append(data.reshape(-1, 3, 32, 32))
+        labels.append(_as_labels(ys, f"{folder / n}:labels", len(data)))
+    data = np.concatenate(parts)
     classes = None
     if (folder / "batches.meta").is_file():
-        classes = [
-            c.decode() if isinstance(c, bytes) else c for c in _read_batch(folder / "batches.meta")["label_names"]
-        ]
-    return ImageSet(torch.from_numpy(data), labels, "cifar", classes=classes)
+        meta = _read_batch(folder / "batches.meta", ("label_names",))
+        classes = [c.decode() if isinstance(c, bytes) else c for c in meta["label_names"]]
+    return ImageSet(torch.from_numpy(data), torch.cat(labels), "cifar", classes=classes)
 
 
 def load_image_set(source: str | os.PathLike, *, split: str = "train") -> ImageSet:
@@ -162,13 +209,18 @@ def load_indices(path: str | os.PathLike) -> list[int]:
     """Integer indices from a ``.json`` list (or ``{"indices": [...]}``), ``.npy`` or text file (one per line)."""
     p = Path(path).expanduser()
     if p.suffix == ".json":
-        data = json.loads(p.read_text())
-        data = data["indices"] if isinstance(data, dict) else data
+        try:
+            data = json.loads(p.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"indices file {p} is not valid JSON ({e}).") from e
+        data = data.get("indices") if isinstance(data, dict) else data
+        if not isinstance(data, list):
+            raise ValueError(f'indices file {p} must hold a JSON list of ints or {{"indices": [...]}}.')
     elif p.suffix == ".npy":
         data = np.load(p, allow_pickle=False).tolist()
     else:
         data = [line for line in p.read_text().split() if line]
     try:
-        return [int(i) for i in data]
+        return [as_index(int(i) if isinstance(i, str) else i, name=f"an index in {p}") for i in data]
     except (TypeError, ValueError) as e:
-        raise ValueError(f"indices file {p} must hold integers: {e}") from e
+        raise ValueError(f"indices file {p} must hold integers (never rounded or truncated): {e}") from e

@@ -17,7 +17,7 @@ from torchvision.utils import make_grid
 
 from . import functional as EF
 from ._data import load_image_set
-from ._images import index_generators
+from ._images import check_int, index_generators
 from .purify import EclipsePurify
 
 __all__ = ["generated_images", "run_demo"]
@@ -62,6 +62,7 @@ def run_demo(
     Returns the printed summary: PSNRs, the poison's L2 energy, the L2 of the poison's residue after purification
     (``purify(poisoned) - purify(clean)`` with the same noise), throughput, and where the grid went.
     """
+    num_images = check_int(num_images, "num_images", minimum=1)
     size = 32 if purify.denoiser.unet.config.sample_size is None else int(purify.denoiser.unet.config.sample_size)
     if data is None:
         clean = generated_images(num_images, size)

@@ -36,12 +36,14 @@ def resolve_pretrained(
         raise ValueError(
             f"pretrained={name!r} is neither an existing folder nor a Hub repo id of the form 'owner/name'."
         )
+    # A typo in a local path of the form "runs/ddpm" is read as a Hub id: every message says both.
+    local = f"there is no local folder {str(path.resolve())!r}, and "
     try:
         return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS))
     except RepositoryNotFoundError as e:
         raise OSError(
-            f"pretrained={name!r} is not a repository on the Hugging Face Hub (or it is private and you are not "
-            "logged in: run `hf auth login`). Check the repo id, or pass a local folder."
+            f"pretrained={name!r}: {local}it is not a repository on the Hugging Face Hub (or it is private and you "
+            "are not logged in: run `hf auth login`). Check the folder's path or the repo id."
         ) from e
     except RevisionNotFoundError as e:
         raise OSError(
@@ -50,9 +52,9 @@ def resolve_pretrained(
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         rev = "" if revision is None else f" at revision {revision!r}"
         raise OSError(
-            f"pretrained={name!r}{rev} is not in the local Hub cache and the Hub cannot be reached (offline, "
-            "HF_HUB_OFFLINE=1, or no network). Download it once with network access "
-            f"(`hf download {name}`), or pass a local folder."
+            f"pretrained={name!r}{rev}: {local}as a Hub repo id it is not in the local Hub cache and the Hub "
+            "cannot be reached (offline, HF_HUB_OFFLINE=1, or no network). Check the folder's path, or download "
+            f"the repo once with network access (`hf download {name}`)."
         ) from e
     except HFValidationError as e:
         raise ValueError(f"pretrained={name!r} is not a valid Hub repo id: {e}") from e

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 from torchvision import tv_tensors
@@ -22,21 +25,86 @@ def check_float_images(x: torch.Tensor, *, name: str = "image", check_range: boo
     if check_range and x.numel():
         lo, hi = x.min().item(), x.max().item()
         if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-            hint = (
-                " It looks like 0-255 values stored as float: divide by 255 or use "
-                "v2.ToDtype(torch.float32, scale=True)."
-                if hi > 2
-                else " It looks normalized (e.g. by v2.Normalize): purify before normalizing."
-            )
+            if lo < -RANGE_TOLERANCE:  # only normalisation (x - mean) / std makes pixels negative
+                hint = (
+                    " Negative values mean normalized images (e.g. by v2.Normalize with ImageNet or CIFAR "
+                    "statistics): purify before normalizing, i.e. put v2.Normalize after this transform."
+                )
+            elif hi > 2:
+                hint = (
+                    " It looks like 0-255 values stored as float: divide by 255 or use "
+                    "v2.ToDtype(torch.float32, scale=True)."
+                )
+            else:
+                hint = " Clamp the images to [0, 1] (e.g. x.clamp(0, 1)) before purifying."
             raise ValueError(f"{name} must be a float image in [0, 1], got values in [{lo:.3g}, {hi:.3g}].{hint}")
 
 
-def check_channels(channels: int, expected: int, *, name: str = "image") -> None:
-    if channels != expected:
-        fix = "convert it to RGB (e.g. PIL's .convert('RGB') or v2.RGB())" if expected == 3 else ""
-        raise ValueError(
-            f"{name} must have {expected} channels in dimension -3 (shape (..., C, H, W)), got {channels}. {fix}"
+def check_channels(shape: Sequence[int], expected: int, *, name: str = "image") -> None:
+    """Refuse images of ``shape`` (``(..., C, H, W)``) without ``expected`` channels, saying what to do."""
+    channels = shape[-3]
+    if channels == expected:
+        return
+    if shape[-1] == expected:
+        fix = (
+            f"Its last dimension is {expected}: it looks channels-last (H, W, C), as numpy and PIL arrays are; "
+            "move the channels first with x.permute(2, 0, 1) (batches: x.permute(0, 3, 1, 2)) or v2.ToImage()."
         )
+    elif expected == 3:
+        fix = "Convert it to RGB (e.g. PIL's .convert('RGB') or v2.RGB())."
+    else:
+        fix = ""
+    raise ValueError(
+        f"{name} must have {expected} channels in dimension -3 (shape (..., C, H, W)), got shape "
+        f"{tuple(shape)}. {fix}".rstrip()
+    )
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None, optional: bool = False) -> int | None:
+    """``value`` as a plain ``int`` (Python or numpy integer, not bool), at least ``minimum``, or a clear error.
+
+    Returning a plain ``int`` matters: seeds are hashed through ``repr``, where ``np.int64(0)`` is not ``0``.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        kind = "an int or None" if optional else "an int"
+        raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__}).")
+    if minimum is not None and value < minimum:
+        bound = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {bound}, got {value}.")
+    return int(value)
+
+
+def as_index(value: Any, name: str = "index") -> int:
+    """An integer index from an int, a numpy integer or a one-element integer tensor; floats and bools refused."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer, got the bool {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an integer (an int, numpy integer or one-element integer tensor), got "
+            f"{value!r} ({type(value).__name__})."
+        ) from None
+
+
+def as_label(value: Any, name: str = "label") -> int:
+    """A class label as a plain ``int``; a float is accepted only when it is a whole number (nothing is lost)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer class index, got the bool {value!r}.")
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.size == 1:
+        value = value.item()
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise TypeError(
+        f"{name} must be an integer class index, got {value!r} ({type(value).__name__}); labels are never "
+        "rounded or truncated. Map them to ints 0..K-1 (e.g. with the wrapped dataset's target_transform)."
+    )
 
 
 def to_float_batch(
@@ -56,10 +124,16 @@ def to_float_batch(
         x = F.pil_to_tensor(inpt).to(torch.float32).div_(255).unsqueeze(0)
         return x, lambda y: F.to_pil_image(quantize(y[0]))
     if not isinstance(inpt, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or PIL image, got {type(inpt).__name__}.")
+        hint = (
+            " Convert a numpy (H, W, C) image with v2.ToImage() or torch.from_numpy(x).permute(2, 0, 1)."
+            if isinstance(inpt, np.ndarray)
+            else ""
+        )
+        raise TypeError(f"{name} must be a torch.Tensor or PIL image, got {type(inpt).__name__}.{hint}")
     if inpt.ndim < 3:
         raise ValueError(
             f"{name} must have shape (..., C, H, W), got a {inpt.ndim}-d tensor of shape {tuple(inpt.shape)}."
+            + (" A 2-d image is grayscale: the denoiser needs RGB (C = 3)." if inpt.ndim == 2 else "")
         )
     shape, dtype, device = inpt.shape, inpt.dtype, inpt.device
     plain = inpt.as_subclass(torch.Tensor)

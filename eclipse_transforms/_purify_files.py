@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,74 @@ from torch.utils.data import TensorDataset
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
-from ._data import load_image_set
+from ._data import ImageSet, load_image_set
+from ._outputs import check_output_location, is_owned, no_space, replace_folder
 from .dataset import PurifiedDataset
 from .purify import EclipsePurify
 
 __all__ = ["purify_files"]
+
+
+#: Written into every output folder; ``overwrite=True`` replaces a folder only when it carries this file.
+MARKER = ".eclipse-transforms-purify.json"
+
+
+def _check_output(out: Path, source: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output that would lose data; see :mod:`._outputs`."""
+    check_output_location(out, name="output", inputs={"data": source})
+    if out.suffix == ".npz":
+        if out.is_dir():
+            raise ValueError(f"output {str(out)!r} is a folder, not an .npz file; pass a file name or a new folder.")
+    elif out.is_file():
+        raise ValueError(
+            f"output {str(out)!r} is an existing file; a folder output is a new folder (or one this command wrote), "
+            "and an .npz output needs the .npz suffix."
+        )
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise FileExistsError(f"output {str(out)!r} exists; pass --overwrite to replace it.")
+    if out.is_dir() and not is_owned(out, MARKER):
+        raise FileExistsError(
+            f"output {str(out)!r} is a folder that `eclipse-transforms purify` did not write (it has no {MARKER}); "
+            "--overwrite only replaces the command's own outputs. Pick a new folder, or empty this one yourself."
+        )
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete staging and replaced folders that a killed run of this command left beside ``out`` (marked ones
+    only, and never one whose process still runs)."""
+    for path in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        pid = path.name.rsplit("-", 1)[-1]
+        if ".partial-" in path.name and pid.isdigit() and _is_running(int(pid)):
+            continue
+        if path.is_dir() and is_owned(path, MARKER):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _folder_names(data: ImageSet, labels: torch.Tensor) -> list[str]:
+    """The relative path of every image in a folder output; labels become class folders, checked first."""
+    if data.files:
+        return [str(Path(f).with_suffix(".png")) for f in data.files]
+    bad = labels[labels < 0] if data.classes is None else labels[(labels < 0) | (labels >= len(data.classes))]
+    if len(bad):
+        allowed = "non-negative" if data.classes is None else f"in [0, {len(data.classes)}) (the input's classes)"
+        raise ValueError(
+            f"a folder output names class folders by label, and labels must be {allowed}; the input has label "
+            f"{int(bad[0])}. Write an .npz output instead, or fix the labels."
+        )
+    names = data.classes or [str(c) for c in range(int(labels.max()) + 1)]
+    return [f"{names[int(y)]}/{i:05d}.png" for i, y in enumerate(labels)]
 
 
 def purify_files(
@@ -32,44 +97,69 @@ def purify_files(
 ) -> Path:
     """Purify (stages 1 and 2) every image of ``source`` and write them to ``output``.
 
-    The work goes through :class:`PurifiedDataset`'s cache, so an interrupted run resumes where it stopped.
+    The work goes through :class:`PurifiedDataset`'s cache, so an interrupted run resumes where it stopped. The
+    output appears whole or not at all: it is written beside its final name and renamed into place.
 
     Args:
         source: an ImageFolder root, a torchvision CIFAR-10 root, or an ``.npz`` of uint8 images.
         output: an ``.npz`` (keys ``images`` NHWC uint8 and ``labels``, or the input's split keys), or a folder,
-            written as an ImageFolder tree of PNGs (the input's relative paths for an ImageFolder input).
+            written as an ImageFolder tree of PNGs (the input's relative paths for an ImageFolder input; else
+            one folder per class, named by the input's class names or by the label).
         purify: the settings; its compensation is not applied (that is a training-time, per-epoch stage).
         split: the split of a CIFAR root or split-keyed .npz.
         batch_size, cache_dir, progress: as in :class:`PurifiedDataset`.
-        overwrite: replace an existing ``output``.
+        overwrite: replace an existing ``output`` that this function wrote (a folder is replaced only when it
+            holds the marker file every output folder gets). Never the current folder, an input, or a folder
+            that holds one of them.
 
     Returns:
         The output path.
+
+    Raises:
+        ValueError: ``output`` would replace or contain the input or the current folder, or a folder output
+            cannot name class folders by the labels.
+        FileExistsError: ``output`` exists and ``overwrite`` is False, or it is a folder this function did not
+            write.
     """
     out = Path(output).expanduser()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {str(out)!r} exists; pass --overwrite to replace it.")
+    src = Path(source).expanduser()
+    _check_output(out, src, overwrite)
     data = load_image_set(source, split=split)
     labels = data.labels if data.labels is not None else torch.zeros(len(data.images), dtype=torch.int64)
+    names = None if out.suffix == ".npz" else _folder_names(data, labels)
     ds = PurifiedDataset(
         TensorDataset(data.images, labels), purify, cache_dir=cache_dir, batch_size=batch_size, progress=progress
     )
     images = torch.stack([ds.purified(i) for i in range(len(ds))])
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
         arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
         if data.labels is not None:
             arrays["labels"] = data.labels.numpy()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, out)
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise no_space(e, f"the output {out} (the purified images are cached: a rerun only writes)") from e
+            raise
         return out
-    if out.exists():
-        shutil.rmtree(out)
-    classes = data.classes or [str(c) for c in sorted(set(labels.tolist()))]
-    for i in tqdm(range(len(images)), desc="write", disable=not progress, unit="img"):
-        rel = data.files[i] if data.files else f"{classes[int(labels[i])]}/{i:05d}.png"
-        path = (out / rel).with_suffix(".png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        F.to_pil_image(images[i]).save(path)
+    _remove_leftovers(out)
+    staged = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        staged.mkdir()
+        (staged / MARKER).write_text(json.dumps({"source": str(src.resolve()), "purify": repr(purify)}) + "\n")
+        for i in tqdm(range(len(images)), desc="write", disable=not progress, unit="img"):
+            path = staged / names[i]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            F.to_pil_image(images[i]).save(path)
+        replace_folder(staged, out)
+    except BaseException as e:
+        shutil.rmtree(staged, ignore_errors=True)  # the staging folder is this call's own
+        if isinstance(e, OSError):
+            raise no_space(e, f"the output {out} (the purified images are cached: a rerun only writes)") from e
+        raise
     return out

@@ -32,7 +32,7 @@ def _add_purify_options(p: argparse.ArgumentParser) -> None:
         help=f"reverse steps; 'paper' for t* ancestral steps (default: {DEFAULT_STEPS})",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the purification noise (default: 0)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per denoiser batch (default: 256)")
     p.add_argument("--device", default=None, help="'cpu', 'cuda', ... (default: cpu)")
     p.add_argument(
         "--dtype",
@@ -40,6 +40,16 @@ def _add_purify_options(p: argparse.ArgumentParser) -> None:
         choices=tuple(DTYPES),
         help="the UNet's precision; bfloat16 is faster on CPUs with AVX512-BF16/AMX and on GPUs (default: float32)",
     )
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {number}")
+    return number
 
 
 def _steps(value: str) -> int | None:
@@ -201,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", default=None, help="an .npz/CIFAR root/ImageFolder to take images from (default: generated images)"
     )
-    p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--num-images", type=_positive_int, default=8, help="images to purify (default: 8)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("purify", help="purify an ImageFolder tree, CIFAR root or .npz")

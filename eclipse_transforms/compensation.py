@@ -48,5 +48,5 @@ class CorruptionCompensation(ImageTransform):
 
     def _apply_batch(self, x: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
         if x.shape[1] not in (1, 3):
-            check_channels(x.shape[1], 3)
+            check_channels(x.shape, 3)
         return EF.compensate(x, p_gray=self.p_gray, sigma=self.sigma)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,15 +19,16 @@ from tqdm.auto import tqdm
 
 from . import functional as EF
 from ._cache import ShardStore
-from ._images import index_generators, quantize, to_float_batch
+from ._images import as_index, as_label, check_int, index_generators, quantize, to_float_batch
 from ._version import __version__
+from .denoiser import check_device
 from .purify import EclipsePurify
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PurifiedDataset", "default_cache_dir"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: batch_size and the device type are in the key
 
 
 def default_cache_dir() -> Path:
@@ -46,11 +48,9 @@ def _split_item(item: Any, index: int) -> tuple[Any, Any]:
     return item[0], item[1]
 
 
-def _as_label(label: Any, index: int) -> int:
-    try:
-        return int(label)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"dataset item {index} has label {label!r}; labels must be ints (class indices).") from e
+# The scan reads this many items twice more, to tell a deterministic dataset from one whose own transform is
+# random: a flip with p=0.5 goes unnoticed with probability (1/4)^8 = 1.5e-5.
+_RANDOMNESS_PROBES = 8
 
 
 class PurifiedDataset(Dataset):
@@ -58,11 +58,18 @@ class PurifiedDataset(Dataset):
 
     On construction, every image is noised and denoised once (stages 1 and 2 of ``purify``), in batches of
     ``batch_size``, and stored as uint8 in checksummed safetensors shards under ``cache_dir``. The cache key
-    covers everything that changes the output: a fingerprint of the data, the denoiser's weights, ``t_star``,
-    ``steps``, the seed and the library version; later constructions with the same key read the cache instead.
-    A build that is interrupted resumes from its last complete shard; a shard whose bytes do not match its
-    checksum is rebuilt. Image ``i`` uses randomness derived from ``(seed, i)`` only, so the cache is the same
-    for any ``batch_size`` or device.
+    covers everything that changes the output: a fingerprint of the data, the denoiser's weights and precision,
+    ``t_star``, ``steps``, the seed, ``batch_size``, the device type and the library version; later
+    constructions with the same key read the cache instead. Image ``i`` uses randomness derived from
+    ``(seed, i)`` only, but the UNet's float rounding depends on the batch's shape and the hardware (another
+    batch size moved a few pixels by one level), so ``batch_size`` and the device type are part of the key: a
+    cache entry always holds the bytes of one build. A build that is interrupted resumes from its last complete
+    shard; a shard whose bytes do not match its checksum is rebuilt; a second process building the same entry
+    waits for the first and then reads its result.
+
+    The wrapped dataset must return the same image for an index every time it is read: random augmentation
+    (crops, flips) belongs in ``transform``, which is applied after the cache. A dataset whose own transform is
+    random is refused, because every construction would cache another dataset.
 
     ``dataset[i]`` returns ``(transform(compensation(purified_i)), target_transform(label_i))`` where
     ``purified_i`` is a float ``tv_tensors.Image`` in ``[0, 1]`` and the compensation (``purify.compensation``)
@@ -107,11 +114,16 @@ class PurifiedDataset(Dataset):
             purify = EclipsePurify()
         if not isinstance(purify, EclipsePurify):
             raise TypeError(f"purify must be an EclipsePurify, got {type(purify).__name__}.")
-        for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        shard_size = check_int(shard_size, "shard_size", minimum=1)
+        seed = check_int(seed, "seed", optional=True)
+        if cache_dir is not None and not str(os.fspath(cache_dir)).strip():
+            raise ValueError(
+                "cache_dir is an empty path, which would put the cache in the current folder; pass a folder "
+                "(or None for the default, ~/.cache/eclipse-transforms)."
+            )
         if device is not None:
-            purify.to(device)
+            purify.to(check_device(device))
         self.dataset = dataset
         self.purify = purify
         self.compensation = purify.compensation
@@ -138,6 +150,10 @@ class PurifiedDataset(Dataset):
             "steps": purify.steps,
             "seed": self.seed,
             "shard_size": shard_size,
+            # The UNet's float rounding depends on the batch's shape and the hardware: batch sizes 1, 5 and 7
+            # gave bytes one level away from 32 in a few pixels. Keying them keeps every entry one build's bytes.
+            "batch_size": batch_size,
+            "device": purify.denoiser.device.type,
         }
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
         self.cache_root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
@@ -145,7 +161,15 @@ class PurifiedDataset(Dataset):
         self._check_writable(cache_dir)
         self._store = ShardStore(self.cache_path, num_items, shard_size, meta)
         self._shards: dict[int, dict[str, torch.Tensor]] = {}
-        self._build(self._store.missing())
+        missing = self._store.missing()
+        if missing or self._store.stale_temporaries():
+            with self._store.lock():
+                self._store.reload()  # a process that held the lock may have built what was missing
+                self._store.remove_stale_temporaries()
+                missing = self._store.missing()
+                self._build(missing)
+        else:
+            self._build(missing)
 
     # -- construction ------------------------------------------------------------------------------------------
 
@@ -154,7 +178,7 @@ class PurifiedDataset(Dataset):
         den = self.purify.denoiser
         h = hashlib.sha256()
         labels = torch.empty(num_items, dtype=torch.int64)
-        shape = None
+        shape, probes = None, []
         for i in tqdm(range(num_items), desc="check data", disable=not self.progress, unit="img", leave=False):
             image, label = _split_item(self.dataset[i], i)
             x, _ = to_float_batch(image, name=f"dataset image {i}")
@@ -168,17 +192,28 @@ class PurifiedDataset(Dataset):
                     f"dataset images must all have one shape to be cached; image 0 is {shape}, image {i} is "
                     f"{tuple(x.shape[1:])}. Resize them (e.g. v2.Resize in the wrapped dataset's transform)."
                 )
-            labels[i] = _as_label(label, i)
+            labels[i] = as_label(label, f"the label of dataset item {i}")
             h.update(x.numpy().tobytes())
+            if i < _RANDOMNESS_PROBES:
+                probes.append(x)
         h.update(labels.numpy().tobytes())
+        for i, first in enumerate(probes):
+            again = [to_float_batch(_split_item(self.dataset[i], i)[0], name=f"dataset image {i}")[0] for _ in "ab"]
+            if not all(torch.equal(first, x) for x in again):
+                raise ValueError(
+                    f"the wrapped dataset returned a different image for item {i} when read again: its own "
+                    "transform is random (e.g. RandomCrop or RandomHorizontalFlip), so every construction would "
+                    "purify and cache another dataset. Purify before random augmentation: give the wrapped "
+                    "dataset only deterministic transforms and pass the random ones as "
+                    "PurifiedDataset(..., transform=...)."
+                )
         return h.hexdigest(), labels, shape
 
     def _check_writable(self, cache_dir: Any) -> None:
         try:
             self.cache_path.mkdir(parents=True, exist_ok=True)
-            probe = self.cache_path / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            with tempfile.TemporaryFile(dir=self.cache_path):  # anonymous where the OS allows: nothing to leave
+                pass
         except OSError as e:
             raise ValueError(
                 f"cache_dir={str(cache_dir if cache_dir is not None else self.cache_root)!r} is not writable "
@@ -218,6 +253,7 @@ class PurifiedDataset(Dataset):
 
     def purified(self, index: int) -> torch.Tensor:
         """The cached purified image ``index`` as uint8 ``(C, H, W)``, without compensation or transform."""
+        index = as_index(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} items.")
         index %= len(self)
@@ -227,6 +263,7 @@ class PurifiedDataset(Dataset):
         return self._shards[shard]["images"][index - shard * self._store.shard_size]
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
+        index = as_index(index)
         x = self.purified(index).to(torch.float32).div_(255)
         if self.compensation is not None:
             # The functional form draws the same numbers from torch's global RNG as calling the transform, without

@@ -30,7 +30,7 @@ from ._hub import resolve_pretrained
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Denoiser", "load_denoiser", "bundled_weights_path"]
+__all__ = ["Denoiser", "load_denoiser", "bundled_weights_path", "check_device"]
 
 ECLIPSE_CONFIG_NAME = "eclipse_config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -214,9 +214,42 @@ def _read_eclipse_config(root: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it.") from e
+    t_max = config.get("t_max") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not (
+        t_max is None or (isinstance(t_max, int) and not isinstance(t_max, bool) and t_max >= 1)
+    ):
+        raise ValueError(
+            f'{path} must be a JSON object like {{"t_max": 300}} (t_max: the largest timestep the UNet was trained '
+            f"for, a positive int), got {config!r}; fix or delete it (without it, t_max is the schedule's length)."
+        )
+    return config
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` that exists on this machine (``None`` stays ``None``), or a ``ValueError``
+    that says which devices there are."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {e}") from e
+    if resolved.type == "cpu":
+        return resolved
+    backend = getattr(torch, resolved.type, None)
+    available = getattr(backend, "is_available", lambda: False)()
+    if not available:
+        raise ValueError(
+            f"device={device!r}, but this torch ({torch.__version__}) has no usable {resolved.type} device "
+            f"(torch.{resolved.type}.is_available() is False); use device='cpu'."
+        )
+    count = getattr(backend, "device_count", lambda: 1)()
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"device={device!r}, but there are only {count} {resolved.type} devices (0..{count - 1}).")
+    return resolved
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -278,6 +311,7 @@ def load_denoiser(
         >>> den = load_denoiser(dtype=torch.bfloat16)  # doctest: +SKIP
     """
     dtype = check_dtype(dtype)
+    device = check_device(device)
     if pretrained is None:
         root = bundled_weights_path()
         if root is None:

@@ -97,7 +97,7 @@ def check_images(x: torch.Tensor, denoiser: Denoiser, name: str, check_range: bo
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4:
         raise TypeError(f"{name} must be a float tensor of shape (N, C, H, W).")
     check_float_images(x, name=name, check_range=check_range)
-    check_channels(x.shape[1], denoiser.in_channels, name=name)
+    check_channels(x.shape, denoiser.in_channels, name=name)
     m = denoiser.size_multiple
     h, w = x.shape[-2:]
     if h % m or w % m:

@@ -86,7 +86,7 @@ class EclipsePurify(DiffusionTransform):
     ) -> torch.Tensor:
         """Stages 1 and 2 (no compensation) on a float batch ``(N, 3, H, W)`` in ``[0, 1]``, on the denoiser's
         device, with explicit randomness. This is what :class:`PurifiedDataset` caches."""
-        check_channels(x.shape[1], self.denoiser.in_channels)
+        check_channels(x.shape, self.denoiser.in_channels)
         x = x.to(self.denoiser.device)
         return EF.purify(x, self.denoiser, self.t_star, steps=self.steps, generator=generator)
 

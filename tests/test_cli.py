@@ -140,3 +140,148 @@ def test_bad_steps_argument(tiny_folder, tmp_path, steps):
             main(argv)
     else:
         assert main(argv) == 2
+
+
+# -- --overwrite never deletes what the command did not write; user errors are one line --------------------------
+
+
+def run_purify(tiny_folder, tmp_path, src, dst, *extra):
+    return main(["--no-progress", "purify", str(src), str(dst), *purify_args(tiny_folder, tmp_path), *extra])
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_the_current_folder_and_the_input(tiny_folder, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    src = synthetic_npz(work / "c.npz", n=4)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    before = snapshot(work)
+    assert run_purify(tiny_folder, tmp_path, "c.npz", ".", "--overwrite") == 2
+    assert "is or contains the current folder" in capsys.readouterr().err
+    assert run_purify(tiny_folder, tmp_path, "c.npz", "c.npz", "--overwrite") == 2
+    assert "is or contains the input" in capsys.readouterr().err
+    assert run_purify(tiny_folder, tmp_path, src, tmp_path, "--overwrite") == 2  # contains the input and the cwd
+    assert snapshot(work) == before
+
+
+def test_overwrite_refuses_a_folder_holding_the_input(tiny_folder, tmp_path, capsys):
+    proj = tmp_path / "proj"
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (proj / split / cls).mkdir(parents=True)
+            PIL.Image.new("RGB", (8, 12), (40, 80, 120)).save(proj / split / cls / "x.png")
+    before = snapshot(proj)
+    assert run_purify(tiny_folder, tmp_path, proj / "train", proj, "--overwrite") == 2
+    assert run_purify(tiny_folder, tmp_path, proj / "train", proj / "train" / "out") == 2  # would join the input
+    assert "lies inside the input" in capsys.readouterr().err
+    assert snapshot(proj) == before
+
+
+def test_overwrite_replaces_only_its_own_output(tiny_folder, tmp_path, capsys):
+    src = synthetic_npz(tmp_path / "in.npz", n=4)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "photo.png").write_bytes(b"not ours")
+    assert run_purify(tiny_folder, tmp_path, src, theirs, "--overwrite") == 2
+    assert "did not write" in capsys.readouterr().err and snapshot(theirs) == {"photo.png": b"not ours"}
+    # An empty folder is fine without --overwrite; the command's own output is replaced whole with it.
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    assert run_purify(tiny_folder, tmp_path, src, ours) == 0
+    first = snapshot(ours)
+    (ours / "1" / "stale.png").write_bytes(b"x")
+    assert run_purify(tiny_folder, tmp_path, src, ours) == 2
+    assert run_purify(tiny_folder, tmp_path, src, ours, "--overwrite") == 0
+    assert snapshot(ours) == first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ours")) == []
+
+
+def test_an_interrupted_folder_write_leaves_the_old_output(tiny_folder, tmp_path, monkeypatch, capsys):
+    src = synthetic_npz(tmp_path / "in.npz", n=4)
+    out = tmp_path / "out"
+    assert run_purify(tiny_folder, tmp_path, src, out) == 0
+    first = snapshot(out)
+    saves = []
+
+    def failing_save(self, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 3:
+            raise OSError(28, "No space left on device")
+        return original(self, path, *args, **kwargs)
+
+    original = PIL.Image.Image.save
+    monkeypatch.setattr(PIL.Image.Image, "save", failing_save)
+    assert run_purify(tiny_folder, tmp_path, src, out, "--overwrite") == 2
+    assert "no space left on the device while writing the output" in capsys.readouterr().err
+    assert snapshot(out) == first  # untouched, and no staging folder is left
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_folder_output_names_class_folders_by_label(tiny_folder, tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "gap.npz", images=images, labels=np.array([0, 2, 0, 2, 2, 0]))
+    out = tmp_path / "gap"
+    assert run_purify(tiny_folder, tmp_path, tmp_path / "gap.npz", out) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        "0/00000.png",
+        "0/00002.png",
+        "0/00005.png",
+        "2/00001.png",
+        "2/00003.png",
+        "2/00004.png",
+    ]
+    np.savez(tmp_path / "neg.npz", images=images, labels=np.array([-1, 0, 1, -1, 0, 1]))
+    assert run_purify(tiny_folder, tmp_path, tmp_path / "neg.npz", tmp_path / "neg") == 2
+    assert "labels must be non-negative; the input has label -1" in capsys.readouterr().err
+    assert not (tmp_path / "neg").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")
+def test_user_errors_are_one_line(tiny_folder, tmp_path, capsys):
+    src = synthetic_npz(tmp_path / "in.npz", n=2)
+    cases = {
+        "device='cuda'": ["purify", str(src), str(tmp_path / "o.npz"), "--device", "cuda"],
+        "not a readable .npz": ["purify", str(tmp_path / "junk.npz"), str(tmp_path / "o.npz")],
+        "test_batch is not a CIFAR-10 batch file": ["purify", str(tmp_path / "cifar"), str(tmp_path / "o.npz")],
+        "has no ['labels']": ["purify", str(tmp_path / "nolabels"), str(tmp_path / "o.npz")],
+    }
+    (tmp_path / "junk.npz").write_bytes(b"this is not a zip")
+    for root, payload in (("cifar", b"not a pickle"), ("nolabels", None)):
+        folder = tmp_path / root / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            data = payload or __import__("pickle").dumps({b"data": np.zeros((1, 3072), np.uint8)})
+            (folder / name).write_bytes(data)
+    for match, argv in cases.items():
+        argv = ["--no-progress", *argv, *purify_args(tiny_folder, tmp_path), "--split", "test"]
+        assert main(argv) == 2, match
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1 and "Traceback" not in err and "allow_pickle" not in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--num-images", "0"])
+    assert exit_.value.code == 2 and "--num-images: must be a positive int" in capsys.readouterr().err
+
+
+def test_train_overwrite_never_deletes_other_files(tmp_path, monkeypatch, capsys):
+    data = synthetic_npz(tmp_path / "d.npz")
+    argv = ["--no-progress", "train", "--data", str(data), "--block-out-channels", "8", "16", "--norm-num-groups",
+            "4", "--t-max", "20", "--num-train-timesteps", "100", "--batch-size", "4", "--max-steps", "1",
+            "--overwrite", "--output-dir"]  # fmt: skip
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    assert main([*argv, str(theirs)]) == 2
+    assert "did not write" in capsys.readouterr().err and (theirs / "thesis.tex").is_file()
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "."]) == 2 and main([*argv, str(tmp_path.parent)]) == 2
+    assert data.is_file() and (theirs / "thesis.tex").is_file()
+    # Its own earlier run is replaced, after the inputs are checked: a bad input leaves it as it was.
+    assert main([*argv, "run"]) == 0
+    kept = snapshot(tmp_path / "run")
+    assert main([*argv[:3], str(tmp_path / "missing.npz"), *argv[4:], "run"]) == 2
+    assert snapshot(tmp_path / "run") == kept
+    assert main([*argv, "run"]) == 0

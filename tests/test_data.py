@@ -35,7 +35,7 @@ def test_cifar_root_layout(tmp_path, rng):
     assert test.classes == ["airplane", "automobile"]
 
 
-def test_cifar_batches_cannot_run_code(tmp_path, rng):
+def test_cifar_batches_cannot_run_code(tmp_path, rng, capsys):
     make_cifar_root(tmp_path, rng)
 
     class Evil:
@@ -44,8 +44,9 @@ def test_cifar_batches_cannot_run_code(tmp_path, rng):
 
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
         pickle.dump({b"data": Evil(), b"labels": []}, f)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+    with pytest.raises(ValueError, match="not a CIFAR-10 batch file .*refusing to load builtins.print"):
         load_image_set(tmp_path, split="test")
+    assert "pwned" not in capsys.readouterr().out
 
 
 def test_npz_keys_and_layouts(tmp_path, rng):
@@ -78,3 +79,33 @@ def test_real_cifar10_npz():
     test = load_image_set(path, split="test")
     assert test.images.shape == (10000, 3, 32, 32)
     assert test.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]  # the canonical start (SOURCE.md)
+
+
+def test_labels_are_never_truncated(tmp_path, rng):
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "whole.npz", images=images, labels=np.array([0.0, 2.0, 1.0]))
+    assert load_image_set(tmp_path / "whole.npz").labels.tolist() == [0, 2, 1]
+    np.savez(tmp_path / "frac.npz", images=images, labels=np.array([0.0, 2.7, 1.0]))
+    with pytest.raises(ValueError, match="integer class indices.*2.7.*never rounded"):
+        load_image_set(tmp_path / "frac.npz")
+    np.savez(tmp_path / "short.npz", images=images, labels=np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"one label per image \(3\)"):
+        load_image_set(tmp_path / "short.npz")
+    (tmp_path / "f.json").write_text("[1, 2.5]")
+    (tmp_path / "g.txt").write_text("1\n2.5\n")
+    (tmp_path / "h.json").write_text('{"idx": [1]}')
+    for name in ("f.json", "g.txt", "h.json"):
+        with pytest.raises(ValueError, match="indices file"):
+            load_indices(tmp_path / name)
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"\x93NUMPY"])
+def test_a_file_that_is_not_an_npz(tmp_path, content):
+    (tmp_path / "x.npz").write_bytes(content)
+    with pytest.raises(ValueError, match="not a readable .npz archive") as e:
+        load_image_set(tmp_path / "x.npz")
+    assert "allow_pickle" not in str(e.value)
+    np.save(tmp_path / "y.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / "y.npy").rename(tmp_path / "y.npz")
+    with pytest.raises(ValueError, match="single .npy array"):
+        load_image_set(tmp_path / "y.npz")

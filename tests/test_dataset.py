@@ -1,14 +1,20 @@
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import logging
 import os
 import pickle
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -113,10 +119,20 @@ def test_changing_what_matters_rebuilds(purify, tmp_path, change):
     assert other.cache_path != ds.cache_path and CountingPurify.calls > calls
 
 
-def test_cache_is_independent_of_batch_size(purify, tmp_path):
-    a = build(purify, tmp_path, cache_dir=tmp_path / "a", batch_size=1)
-    b = build(purify, tmp_path, cache_dir=tmp_path / "b", batch_size=7)
-    assert shard_hashes(a.cache_path) == shard_hashes(b.cache_path) != {}
+@pytest.mark.parametrize("batch_size", [1, 5, 7])
+def test_batch_size_is_keyed_and_each_build_reproducible(purify, tmp_path, batch_size):
+    # The UNet's rounding depends on the batch's shape (sizes 1, 5 and 7 moved pixels by one level against 32 on
+    # CIFAR-10), so each batch size has its own entry, and rebuilding one gives the same bytes.
+    odd = build(purify, tmp_path, batch_size=batch_size)
+    fresh = pickle.loads(pickle.dumps(odd))  # a DataLoader worker's copy: no shard loaded yet
+    other = build(purify, tmp_path, batch_size=4)
+    assert odd.cache_path != other.cache_path
+    again = build(purify, tmp_path, cache_dir=tmp_path / "again", batch_size=batch_size)
+    assert shard_hashes(again.cache_path) == shard_hashes(odd.cache_path) != {}
+    # The other builder did not touch this entry: its readers still verify every shard.
+    assert torch.equal(
+        torch.stack([fresh.purified(i) for i in range(10)]), torch.stack([odd.purified(i) for i in range(10)])
+    )
 
 
 def test_kill_and_resume_gives_identical_shards(purify, tmp_path):
@@ -201,7 +217,9 @@ def test_uint8_and_pil_sources(purify, tmp_path):
         (ToyDataset(images=[torch.full((3, H, W), float("nan"))]), ValueError, "NaN"),
         (ToyDataset(images=[torch.rand(3, 11, 7)]), ValueError, "multiples of 2"),
         ([torch.rand(3, H, W)], TypeError, r"\(image, label\) pairs"),
-        ([(torch.rand(3, H, W), "cat")], TypeError, "labels must be ints"),
+        ([(torch.rand(3, H, W), "cat")], TypeError, "must be an integer class index"),
+        ([(torch.rand(3, H, W), 2.7)], TypeError, "never rounded or truncated"),
+        ([(torch.rand(3, H, W), True)], TypeError, "got the bool"),
     ],
 )
 def test_bad_datasets(purify, tmp_path, dataset, error, match):
@@ -259,3 +277,127 @@ def test_a_build_without_progress_bars_logs_each_shard(purify, tmp_path, caplog)
     with caplog.at_level(logging.INFO, logger="eclipse_transforms.dataset"):
         build(purify, tmp_path, progress=True)  # cached now; and with a bar nothing is logged per shard
     assert not [r for r in caplog.records if r.getMessage().startswith("purified shard")]
+
+
+# -- what a hostile-user probe found: indices, manifests, arguments, random sources, leftovers -------------------
+
+
+def test_tensor_and_numpy_indices(purify, tmp_path):
+    ds = build(purify, tmp_path)
+    expected = [ds.purified(i) for i in range(10)]
+    assert torch.equal(ds.purified(torch.tensor(3)), expected[3])
+    assert torch.equal(ds.purified(np.int64(-1)), expected[9])
+    for i in torch.randperm(10):
+        assert torch.equal(ds.purified(i), expected[int(i)]) and ds[i][1] == ds.labels[int(i)]
+    subset = Subset(ds, torch.randperm(10)[:6])
+    assert len(torch.cat([x for x, _ in DataLoader(subset, batch_size=4)])) == 6
+    for bad in (1.0, True, torch.tensor(1.5), "3"):
+        with pytest.raises(TypeError, match="index must be an integer"):
+            ds[bad]
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [b"\xff\xfe not utf-8", b'{"meta": 1, "shards": null}', b"[1, 2]", None, "list", "null-shards", "bad-keys"],
+)
+def test_an_unparseable_manifest_is_rebuilt(purify, tmp_path, manifest):
+    ds = build(purify, tmp_path)
+    good = shard_hashes(ds.cache_path)
+    path = ds.cache_path / "manifest.json"
+    saved = json.loads(path.read_text())
+    if manifest is None:
+        manifest = b""
+    elif manifest in ("list", "null-shards", "bad-keys"):
+        saved["shards"] = {"list": list(saved["shards"].values()), "null-shards": None}.get(
+            manifest, {"x": "y", "0": 5}
+        )
+        manifest = json.dumps(saved).encode()
+    path.write_bytes(manifest)
+    calls = CountingPurify.calls
+    again = build(purify, tmp_path)  # rebuilt, not a crash
+    assert CountingPurify.calls > calls and shard_hashes(again.cache_path) == good
+    assert build(purify, tmp_path).cache_path == again.cache_path
+
+
+def test_arguments_are_checked_like_the_transforms(purify, tmp_path):
+    with pytest.raises(TypeError, match="seed must be an int or None"):
+        build(purify, tmp_path, seed="abc")
+    with pytest.raises(ValueError, match="cache_dir is an empty path"):
+        build(purify, tmp_path, cache_dir="")
+    with pytest.raises(ValueError, match="has no usable cuda device|only .* cuda devices"):
+        build(purify, tmp_path, device="cuda:99")
+    # numpy integers are ints, and a numpy seed is the same seed (seeds are hashed through repr).
+    a = build(purify, tmp_path, seed=np.int64(3), batch_size=np.int64(3), shard_size=np.int32(4))
+    assert a.cache_path == build(purify, tmp_path, seed=3).cache_path
+
+
+class RandomlyTransformed(ToyDataset):
+    def __init__(self, transform) -> None:
+        super().__init__()
+        self.transform = transform
+
+    def __getitem__(self, i: int):
+        image, label = super().__getitem__(i)
+        return self.transform(image), label
+
+
+def test_a_randomly_transformed_source_is_refused(purify, tmp_path):
+    with pytest.raises(ValueError, match="different image for item 0 when read again.*PurifiedDataset"):
+        build(purify, tmp_path, dataset=RandomlyTransformed(v2.RandomCrop((H, W), padding=2)))
+    with pytest.raises(ValueError, match="when read again"):
+        build(purify, tmp_path, dataset=RandomlyTransformed(v2.RandomHorizontalFlip()))
+    assert not (tmp_path / "cache").exists()
+    # A deterministic transform in the wrapped dataset is fine.
+    build(purify, tmp_path, dataset=RandomlyTransformed(v2.Grayscale(3)))
+
+
+def test_a_killed_build_leaves_no_temporary_files(purify, tmp_path):
+    ds = build(purify, tmp_path)
+    stale = [ds.cache_path / ".shard-00001.safetensors.k1ll3d.tmp", ds.cache_path / ".manifest.json.x9.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1000)
+    (ds.cache_path / "shard-00001.safetensors").unlink()  # as a kill inside that shard's write leaves it
+    build(purify, tmp_path)
+    assert not any(p.exists() for p in stale)
+    # Leftovers beside a complete cache go too, and nothing else is touched.
+    stale[0].write_bytes(b"\0")
+    before = shard_hashes(ds.cache_path)
+    calls = CountingPurify.calls
+    build(purify, tmp_path)
+    assert not stale[0].exists() and CountingPurify.calls == calls and shard_hashes(ds.cache_path) == before
+
+
+def test_a_second_builder_waits_for_the_first(purify, tmp_path, caplog):
+    ds = build(purify, tmp_path)
+    good = shard_hashes(ds.cache_path)
+    (ds.cache_path / "shard-00002.safetensors").unlink()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(ds.cache_path / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="eclipse_transforms._cache"):
+        again = build(purify, tmp_path)
+    holder.wait()
+    assert time.monotonic() - start > 0.5 and "another process is building" in caplog.text
+    assert shard_hashes(again.cache_path) == good
+
+
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+with FileLock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(1.5)
+"""
+
+
+def test_a_full_disk_names_the_cache(purify, tmp_path, monkeypatch):
+    import eclipse_transforms._cache as cache
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "_atomic_write", full)
+    with pytest.raises(OSError, match="no space left on the device while writing shard 0 of the cache"):
+        build(purify, tmp_path)

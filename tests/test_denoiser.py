@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -148,6 +149,29 @@ def test_bad_pretrained_strings(arg, match):
         load_denoiser(arg)
 
 
+@pytest.mark.parametrize(
+    "config", ['["t_max", 300]', '{"t_max": "abc"}', '{"t_max": 0}', '{"t_max": true}', b"\xff\xfe"]
+)
+def test_a_malformed_eclipse_config_names_the_file(tiny_folder, tmp_path, config):
+    folder = tmp_path / "weights"
+    shutil.copytree(tiny_folder, folder)
+    path = folder / "eclipse_config.json"
+    path.write_bytes(config if isinstance(config, bytes) else config.encode())
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        load_denoiser(folder)
+
+
+@pytest.mark.parametrize(
+    ("device", "match"),
+    [("gpu", "is not a torch device"), ("cuda:7", "cuda"), ("mps", "mps"), (3.5, "is not a torch device")],
+)
+def test_unavailable_devices_are_refused_clearly(tiny_folder, device, match):
+    if device in ("cuda:7", "mps") and getattr(torch, device[:4].rstrip(":")).is_available():
+        pytest.skip(f"{device} is available here")
+    with pytest.raises(ValueError, match=match):
+        load_denoiser(tiny_folder, device=device)
+
+
 def test_t_max_must_fit_the_schedule():
     den = make_tiny_denoiser()
     with pytest.raises(ValueError, match=r"t_max must be in \[1, 100\]"):
@@ -206,6 +230,7 @@ def test_hub_loading_offline(tiny_folder, tmp_path):
     assert out["commit"] == expected
     assert out["missing_repo"] is not None and "not in the local Hub cache" in out["missing_repo"]
     assert "eclipse/not-cached" in out["missing_repo"] and "hf download" in out["missing_repo"]
+    assert "there is no local folder" in out["missing_repo"]  # a mistyped local path reads as a Hub id
     assert out["missing_revision"] is not None and "revision 'v9.9'" in out["missing_revision"]
 
 

@@ -115,3 +115,9 @@ def test_bad_input():
         urp(torch.rand(2, 3, 8, 8), torch.zeros(2))
     with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
         urp(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(3))
+    with pytest.raises(ValueError, match="never truncated"):
+        urp(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0.0, 2.7]))
+    with pytest.raises(ValueError, match="non-negative"):
+        urp(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, -1]))
+    whole = urp(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0.0, 1.0]), seed=0)
+    assert torch.equal(whole, urp(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]), seed=0))

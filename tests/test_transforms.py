@@ -4,6 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from eclipse_transforms import (
@@ -111,6 +112,9 @@ def test_cuda_matches_cpu(tiny, image):
     [
         (torch.rand(3, H, W) * 255, r"\[0, 1\].*divide by 255"),
         ((torch.rand(3, H, W) - 0.5) / 0.25, r"\[0, 1\].*normaliz"),
+        # ImageNet statistics: values reach 2.6, which must not read as 0-255 data.
+        ((torch.rand(3, H, W) - 0.406) / 0.225, r"\[0, 1\].*normalized images"),
+        (torch.rand(H, W, 3), r"channels-last.*permute\(2, 0, 1\)"),
         (torch.full((3, H, W), float("nan")), "NaN or inf"),
         (torch.full((3, H, W), float("inf")), "NaN or inf"),
         (torch.rand(1, H, W), "must have 3 channels"),
@@ -161,3 +165,35 @@ def test_compensation_rejects_bad_arguments(kwargs, match):
 def test_noise_stage_refuses_uint8(tiny):
     with pytest.raises(TypeError, match="float image tensor.*ToDtype"):
         ForwardDiffusion(tiny, t_star=10)(torch.zeros(3, H, W, dtype=torch.uint8))
+
+
+# -- no image passes through unpurified ------------------------------------------------------------------------
+
+
+def test_every_image_of_a_list_or_tuple_is_purified(tiny):
+    purify = EclipsePurify(tiny, t_star=10, steps=2, compensation=None, seed=0)
+    a, b = torch.rand(3, H, W), torch.rand(3, H, W)
+    out = purify([a, b])
+    assert torch.equal(out[0], purify(a)) and torch.equal(out[1], purify(b))
+    pil = v2.functional.to_pil_image(a)
+    image, label, boxes_like = purify((pil, torch.tensor(3), torch.tensor([1.0, 2.0])))
+    assert isinstance(image, PIL.Image.Image) and image.tobytes() == purify(pil).tobytes()
+    assert label.item() == 3 and boxes_like.tolist() == [1.0, 2.0]  # 0-d and 1-d tensors are not images
+    mixed = purify({"image": tv_tensors.Image(a), "extra": b})
+    assert torch.equal(mixed["extra"], purify(b))  # torchvision would pass the plain tensor through
+
+
+@pytest.mark.parametrize("transform", ["purify", "compensation"])
+def test_numpy_images_are_refused_not_passed_through(tiny, transform):
+    tf = EclipsePurify(tiny, t_star=10, steps=2) if transform == "purify" else CorruptionCompensation()
+    with pytest.raises(TypeError, match="numpy array of shape.*v2.ToImage"):
+        tf(np.zeros((H, W, 3), np.uint8))
+    with pytest.raises(TypeError, match="numpy array"):
+        tf((torch.rand(3, H, W), np.zeros((H, W, 3), np.uint8)))
+    assert tf((torch.rand(3, H, W), np.int64(2)))[1] == 2  # a numpy label is not an image
+
+
+def test_numpy_integers_are_ints(tiny, image):
+    a = EclipsePurify(tiny, t_star=np.int64(10), steps=np.int32(2), compensation=None, seed=np.int64(4))
+    b = EclipsePurify(tiny, t_star=10, steps=2, compensation=None, seed=4)
+    assert type(a.seed) is int and torch.equal(a(image), b(image))

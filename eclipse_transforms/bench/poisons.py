@@ -44,7 +44,12 @@ def get_poison(name: str) -> PoisonFn:
 def _check(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise TypeError("images must be a uint8 tensor of shape (N, 3, H, W).")
-    labels = torch.as_tensor(labels, dtype=torch.int64)
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+        raise ValueError("labels must be integer class indices; got fractional values, which are never truncated.")
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}.")
+    labels = labels.to(torch.int64)
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}.")
     if len(labels) and labels.min() < 0:

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from .._data import load_image_set, load_indices
 from .._images import derive_seed
 from .._machine import hardware_name
-from ..denoiser import Denoiser
+from .._outputs import check_output_location
+from ..denoiser import Denoiser, check_device
 from .card import write_model_card
 from .config import TrainConfig
 
@@ -53,15 +54,21 @@ def build_scheduler(config: TrainConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule)
 
 
+def _checked_indices(path: str, num_images: int) -> list[int]:
+    """The indices in ``path``, each in ``[0, num_images)``: a negative index would silently pick from the end."""
+    indices = load_indices(path)
+    bad = [i for i in indices if not 0 <= i < num_images]
+    if bad:
+        raise ValueError(f"indices in {path} out of range [0, {num_images}): {bad[:5]}")
+    return indices
+
+
 def load_training_images(config: TrainConfig) -> tuple[torch.Tensor, list[int] | None]:
     """The sparse set as uint8 ``(N, 3, H, W)``, checked for what the trainer cannot use."""
     data = load_image_set(config.data, split=config.split)
     images, indices = data.images, None
     if config.indices is not None:
-        indices = load_indices(config.indices)
-        bad = [i for i in indices if not 0 <= i < len(images)]
-        if bad:
-            raise ValueError(f"indices in {config.indices} out of range [0, {len(images)}): {bad[:5]}")
+        indices = _checked_indices(config.indices, len(images))
         images = images[indices]
     if len(images) < 2:
         raise ValueError(f"the training set must hold at least 2 images, got {len(images)} (data={config.data!r}).")
@@ -75,7 +82,7 @@ def load_training_images(config: TrainConfig) -> tuple[torch.Tensor, list[int] |
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return check_device(name)
 
 
 class _Batches:
@@ -177,13 +184,21 @@ def train(
         ``output_dir``, loadable with :func:`eclipse_transforms.load_denoiser`.
     """
     root = Path(config.output_dir).expanduser()
-    if root.exists() and any(root.iterdir()) and not resume:
+    inputs = {"data": config.data, "indices": config.indices, "holdout": config.holdout}
+    check_output_location(root, name="output_dir", inputs=inputs)
+    replace = root.exists() and any(root.iterdir()) and not resume
+    if replace:
         if not overwrite:
             raise FileExistsError(
                 f"output_dir {str(root)!r} exists; pass overwrite=True (--overwrite) to replace it or resume=True "
                 "(--resume) to continue its training."
             )
-        shutil.rmtree(root)
+        if not (root / CONFIG_NAME).is_file():
+            raise FileExistsError(
+                f"output_dir {str(root)!r} holds files that training did not write (it has no {CONFIG_NAME}); "
+                "overwrite only replaces an earlier training run's folder. Pick a new output_dir, or empty this "
+                "one yourself."
+            )
     latest = _latest_checkpoint(root) if resume else None
     if resume and latest is None:
         raise FileNotFoundError(f"resume=True but {root} has no checkpoint (checkpoints/latest.json).")
@@ -197,9 +212,11 @@ def train(
     images, indices = load_training_images(config)
     holdout = None
     if config.holdout is not None:
-        holdout_idx = load_indices(config.holdout)
-        holdout = load_image_set(config.data, split=config.holdout_split or config.split).images[holdout_idx]
+        holdout_images = load_image_set(config.data, split=config.holdout_split or config.split).images
+        holdout = holdout_images[_checked_indices(config.holdout, len(holdout_images))]
     device = _resolve_device(config.device)
+    if replace:  # only now that every input has been read and checked
+        shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
