@@ -196,7 +196,7 @@ def load_image_set(source: str | os.PathLike, *, split: str = "train") -> ImageS
     if not path.exists():
         raise FileNotFoundError(f"data path {str(path)!r} does not exist.")
     if path.is_file():
-        if path.suffix != ".npz":
+        if path.suffix.lower() != ".npz":
             raise ValueError(f"data file {path} must be an .npz of uint8 images (or pass a folder).")
         return _load_npz(path, split)
     cifar = find_cifar_root(path)

@@ -29,7 +29,7 @@ MARKER = ".eclipse-transforms-purify.json"
 def _check_output(out: Path, source: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output that would lose data; see :mod:`._outputs`."""
     check_output_location(out, name="output", inputs={"data": source})
-    if out.suffix == ".npz":
+    if out.suffix.lower() == ".npz":
         if out.is_dir():
             raise ValueError(f"output {str(out)!r} is a folder, not an .npz file; pass a file name or a new folder.")
     elif out.is_file():
@@ -126,13 +126,13 @@ def purify_files(
     _check_output(out, src, overwrite)
     data = load_image_set(source, split=split)
     labels = data.labels if data.labels is not None else torch.zeros(len(data.images), dtype=torch.int64)
-    names = None if out.suffix == ".npz" else _folder_names(data, labels)
+    names = None if out.suffix.lower() == ".npz" else _folder_names(data, labels)
     ds = PurifiedDataset(
         TensorDataset(data.images, labels), purify, cache_dir=cache_dir, batch_size=batch_size, progress=progress
     )
     images = torch.stack([ds.purified(i) for i in range(len(ds))])
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npz":
+    if out.suffix.lower() == ".npz":
         arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
         if data.labels is not None:
             arrays["labels"] = data.labels.numpy()

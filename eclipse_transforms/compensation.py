@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import functional as EF
@@ -39,6 +40,9 @@ class CorruptionCompensation(ImageTransform):
 
     def __init__(self, p_gray: float = 0.4, sigma: float = 0.05) -> None:
         super().__init__()
+        for name, value in (("p_gray", p_gray), ("sigma", sigma)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
         if not 0 <= p_gray <= 1:
             raise ValueError(f"p_gray must be in [0, 1], got {p_gray}.")
         if not 0 <= sigma <= 1:

@@ -114,6 +114,14 @@ class PurifiedDataset(Dataset):
             purify = EclipsePurify()
         if not isinstance(purify, EclipsePurify):
             raise TypeError(f"purify must be an EclipsePurify, got {type(purify).__name__}.")
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise TypeError(
+                f"dataset must be a map-style dataset (with __len__ and __getitem__, like torchvision's), got "
+                f"{type(dataset).__name__}; an IterableDataset cannot be cached by index."
+            )
+        for name, value in (("transform", transform), ("target_transform", target_transform)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable (e.g. a v2 transform) or None, got {value!r}.")
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         shard_size = check_int(shard_size, "shard_size", minimum=1)
         seed = check_int(seed, "seed", optional=True)

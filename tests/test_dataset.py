@@ -324,6 +324,10 @@ def test_arguments_are_checked_like_the_transforms(purify, tmp_path):
         build(purify, tmp_path, seed="abc")
     with pytest.raises(ValueError, match="cache_dir is an empty path"):
         build(purify, tmp_path, cache_dir="")
+    with pytest.raises(TypeError, match="transform must be callable"):
+        build(purify, tmp_path, transform="RandomCrop")
+    with pytest.raises(TypeError, match="map-style dataset"):
+        build(purify, tmp_path, dataset=iter([(torch.rand(3, H, W), 0)]))
     with pytest.raises(ValueError, match="has no usable cuda device|only .* cuda devices"):
         build(purify, tmp_path, device="cuda:99")
     # numpy integers are ints, and a numpy seed is the same seed (seeds are hashed through repr).

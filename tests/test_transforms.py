@@ -155,10 +155,16 @@ def test_purify_rejects_bad_arguments(tiny, kwargs, error, match):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({"p_gray": 1.5}, "p_gray must be in"), ({"sigma": -0.1}, "sigma must")]
+    ("kwargs", "match"),
+    [
+        ({"p_gray": 1.5}, "p_gray must be in"),
+        ({"sigma": -0.1}, "sigma must"),
+        ({"p_gray": "0.4"}, "p_gray must be a number"),
+        ({"sigma": None}, "sigma must be a number"),
+    ],
 )
 def test_compensation_rejects_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         CorruptionCompensation(**kwargs)
 
 
