@@ -118,7 +118,10 @@ class BenchConfig:
     )
     purify_batch_size: int = field(
         default=256,
-        metadata={"help": "images per purification batch (results do not depend on it; a GPU wants thousands)"},
+        metadata={
+            "help": "images per purification batch (a GPU wants thousands); in the purified cache's key, as the "
+            "UNet's float rounding depends on it"
+        },
     )
     dtype: str = field(
         default="float32",

@@ -1,0 +1,187 @@
+"""Search for a defense that beats ISS-JPEG on every poison: candidate defenses on the bench, as plug-ins.
+
+Each candidate is a recipe of stages (a one-time ``prepare`` of the whole training set, and an ``epoch_transform``
+redrawn every epoch), registered here with the bench's public ``register_defense`` and run by the bench's own
+runner, so its cells share the tier's subset, recipe, seed and test set with the committed tables. A candidate
+that wins moves into the library; the others stay here as measured dead ends.
+
+    python examples/defense_search.py --data ../shared/data/cifar10/cifar10.npz --cache-dir .devdata/bench-cache \
+        --output-dir examples/results/defense-search --poisons urp,lsp,ar,ops,cuda,em \
+        --defenses jpeg-q20,jpeg-q30,jpeg-then-eclipse
+
+Candidates (``--list`` prints them):
+
+* ``jpeg-q{15,20,30}``: ISS-JPEG at a higher quality, once. Where does a poison survive, and what does each
+  quality cost clean data? (ISS uses quality 10.)
+* ``jpeg-then-purify`` / ``jpeg-then-eclipse``: JPEG at quality 10, then ECLIPSE's purification (t* of the run,
+  4 steps), without / with the per-epoch compensation. Does the denoiser give back what JPEG takes?
+* ``random-jpeg``: JPEG redrawn every epoch, each image at a quality drawn uniformly from [10, 30]: randomness
+  the attacker cannot fit, and no two epochs see the same artefacts.
+* ``displace-{0.8,1.2,2.0}``: COIN's corruption (wxldragon/COIN ``COIN_trans``), redrawn every epoch: every pixel
+  is resampled (bilinear, wrapping at the borders) at its own offset, drawn uniformly from [-a, a] pixels in x and
+  in y and shared by the three channels. COIN's default is a = 2 (severity 4) after crop and flip; here it runs
+  before them, as every epoch transform of the bench does.
+* ``random-blur``: against CUDA's class-wise blur kernels, every image is convolved every epoch with its own
+  random 3x3 kernel, ``(1 - s) * identity + s * k`` with k's entries uniform and normalised to sum 1 and the
+  strength s uniform in [0, 1], so a blur no longer tells the class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eclipse_transforms.bench import Defense, register_defense, run_bench
+from eclipse_transforms.bench.defenses import DefenseContext, compensation, jpeg, purified
+from eclipse_transforms.bench.report import format_table
+from eclipse_transforms.bench.runner import BenchConfig
+from eclipse_transforms.purify import DEFAULT_STEPS
+
+CANDIDATES: list[str] = []
+
+
+def candidate(name: str):
+    CANDIDATES.append(name)
+    return register_defense(name)
+
+
+for _quality in (15, 20, 30):
+
+    def _jpeg_factory(context: DefenseContext, quality: int = _quality) -> Defense:
+        return Defense(f"jpeg-q{quality}", prepare=lambda x, y: jpeg(x, quality), options={"quality": quality})
+
+    candidate(f"jpeg-q{_quality}")(_jpeg_factory)
+
+
+def _jpeg_then(name: str, compensate: bool):
+    def factory(context: DefenseContext) -> Defense:
+        return Defense(
+            name,
+            prepare=lambda x, y: purified(jpeg(x, 10), y, context, DEFAULT_STEPS),
+            epoch_transform=compensation() if compensate else None,
+            options={"quality": 10, "t_star": context.t_star, "steps": DEFAULT_STEPS, "compensation": compensate},
+        )
+
+    return factory
+
+
+candidate("jpeg-then-purify")(_jpeg_then("jpeg-then-purify", False))
+candidate("jpeg-then-eclipse")(_jpeg_then("jpeg-then-eclipse", True))
+
+
+def random_jpeg(x: torch.Tensor, generator: torch.Generator, low: int = 10, high: int = 30) -> torch.Tensor:
+    """JPEG of every float image of ``x`` (``(N, 3, H, W)`` in [0, 1]) at its own quality in [low, high]."""
+    qualities = torch.randint(low, high + 1, (len(x),), generator=generator).tolist()
+    out = torch.empty_like(x)
+    for i, (img, quality) in enumerate(
+        zip(x.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy(), qualities, strict=True)
+    ):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1).float() / 255
+    return out
+
+
+@candidate("random-jpeg")
+def _random_jpeg(context: DefenseContext) -> Defense:
+    return Defense("random-jpeg", epoch_transform=random_jpeg, options={"quality": [10, 30], "per": "image, epoch"})
+
+
+def displace(x: torch.Tensor, generator: torch.Generator, alpha: float) -> torch.Tensor:
+    """Resample every pixel of ``x`` (``(N, C, H, W)``) at its own offset in [-alpha, alpha]^2, bilinearly, with
+    wrap-around; the offsets are shared by the channels (COIN's random pixel interpolation)."""
+    n, c, h, w = x.shape
+    offsets = ((torch.rand((2, n, h, w), generator=generator) * 2 - 1) * alpha).to(x.device)
+    ys = torch.arange(h, device=x.device, dtype=x.dtype).view(1, h, 1) + offsets[0]
+    xs = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, w) + offsets[1]
+    y0, x0 = ys.floor(), xs.floor()
+    wy, wx = (ys - y0).unsqueeze(1), (xs - x0).unsqueeze(1)
+    y0, x0 = y0.long(), x0.long()
+    flat = x.flatten(2)
+
+    def at(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        index = ((yy % h) * w + (xx % w)).flatten(1).unsqueeze(1).expand(n, c, h * w)
+        return flat.gather(2, index).view(n, c, h, w)
+
+    top = at(y0, x0) * (1 - wx) + at(y0, x0 + 1) * wx
+    bottom = at(y0 + 1, x0) * (1 - wx) + at(y0 + 1, x0 + 1) * wx
+    return (top * (1 - wy) + bottom * wy).clamp(0, 1)
+
+
+for _alpha in (0.8, 1.2, 2.0):
+
+    def _displace_factory(context: DefenseContext, alpha: float = _alpha) -> Defense:
+        return Defense(
+            f"displace-{alpha}",
+            epoch_transform=lambda x, g: displace(x, g, alpha),
+            options={"alpha": alpha, "per": "pixel, epoch"},
+        )
+
+    candidate(f"displace-{_alpha}")(_displace_factory)
+
+
+def random_blur(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Convolve every image of ``x`` with its own random 3x3 kernel (the channels share it), reflect-padded."""
+    n, c, h, w = x.shape
+    k = torch.rand((n, 9), generator=generator)
+    k = k / k.sum(1, keepdim=True)
+    strength = torch.rand((n, 1), generator=generator)
+    identity = torch.zeros(9)
+    identity[4] = 1
+    kernels = ((1 - strength) * identity + strength * k).view(n, 1, 3, 3).to(x)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    # one group per image and channel: (1, N*C, H+2, W+2) convolved with N*C kernels
+    out = torch.nn.functional.conv2d(
+        padded.reshape(1, n * c, h + 2, w + 2), kernels.repeat_interleave(c, 0), groups=n * c
+    )
+    return out.view(n, c, h, w).clamp(0, 1)
+
+
+@candidate("random-blur")
+def _random_blur(context: DefenseContext) -> Defense:
+    return Defense(
+        "random-blur", epoch_transform=random_blur, options={"kernel": "3x3 uniform", "per": "image, epoch"}
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=False, help="CIFAR-10 .npz or torchvision root")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--output-dir", default="examples/results/defense-search")
+    parser.add_argument("--tier", default="quick")
+    parser.add_argument("--poisons", default="urp,lsp,ar,ops,cuda")
+    parser.add_argument("--defenses", default=",".join(CANDIDATES))
+    parser.add_argument("--no-clean", action="store_true", help="skip the clean column")
+    parser.add_argument("--t-star", type=int, default=100)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--list", action="store_true", help="print the candidates and exit")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(CANDIDATES))
+        return
+    if args.data is None:
+        parser.error("--data is required")
+    config = BenchConfig(
+        data=args.data,
+        poisons=args.poisons,
+        defenses=args.defenses,
+        tier=args.tier,
+        output_dir=args.output_dir,
+        cache_dir=args.cache_dir,
+        clean=not args.no_clean,
+        t_star=args.t_star,
+        progress=not args.no_progress,
+    )
+    print(format_table(run_bench(config)))
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    main()
