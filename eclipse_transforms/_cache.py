@@ -6,7 +6,8 @@ Layout of one cache entry (``root``)::
     shard-00000.safetensors     # {"images": uint8 (n, C, H, W), "labels": int64 (n,)}
     ...
 
-    .lock                       # held by the process that builds the entry
+    .lock                       # held by the process that builds the entry (rank 0 in a distributed build)
+    .manifest.lock              # held while a shard's checksum is added to the manifest
 
 A shard is written to a temporary file, flushed to disk and renamed into place, then its checksum is recorded
 in the manifest (itself replaced atomically). A shard is trusted only when its bytes hash to the recorded
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+MANIFEST_LOCK = ".manifest.lock"
 # What _atomic_write names its temporary files in an entry: ".<name>.<random>.tmp".
 _TEMPORARIES = (".shard-*.safetensors.*.tmp", f".{MANIFEST}.*.tmp")
 
@@ -164,14 +166,18 @@ class ShardStore:
         data = st_save({"images": images.contiguous(), "labels": labels.contiguous()})
         try:
             _atomic_write(self.shard_path(i), data)
-            self.checksums[str(i)] = hashlib.sha256(data).hexdigest()
-            manifest = {
-                "meta": self.meta,
-                "num_items": self.num_items,
-                "shard_size": self.shard_size,
-                "shards": self.checksums,
-            }
-            _atomic_write_json(self.root / MANIFEST, manifest, indent=1, sort_keys=True)
+            # Several processes (the ranks of a distributed build) may add shards to one manifest: each adds its
+            # own to what is on disk, one at a time.
+            with FileLock(self.root / MANIFEST_LOCK):
+                checksums = {**self._read_manifest(), str(i): hashlib.sha256(data).hexdigest()}
+                manifest = {
+                    "meta": self.meta,
+                    "num_items": self.num_items,
+                    "shard_size": self.shard_size,
+                    "shards": checksums,
+                }
+                _atomic_write_json(self.root / MANIFEST, manifest, indent=1, sort_keys=True)
+            self.checksums = checksums
         except OSError as e:
             raise no_space(
                 e,

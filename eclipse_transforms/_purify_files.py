@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ._data import ImageSet, load_image_set
 from ._outputs import check_output_location, is_owned, no_space, replace_folder
-from .dataset import PurifiedDataset
+from .dataset import PurifiedDataset, _distributed
 from .purify import EclipsePurify
 
 __all__ = ["purify_files"]
@@ -130,6 +130,9 @@ def purify_files(
     ds = PurifiedDataset(
         TensorDataset(data.images, labels), purify, cache_dir=cache_dir, batch_size=batch_size, progress=progress
     )
+    ranks = _distributed()
+    if ranks is not None and ranks[0] != 0:
+        return out  # every rank built its share of the cache; rank 0 writes the output
     images = torch.stack([ds.purified(i) for i in range(len(ds))])
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npz":

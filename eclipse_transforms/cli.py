@@ -74,20 +74,46 @@ def _make_purify(args: argparse.Namespace, compensation: bool = False):
     )
 
 
+def _start_distributed(args: argparse.Namespace) -> int | None:
+    """Under torchrun (``WORLD_SIZE`` > 1), join the job's process group (gloo on CPU, nccl on CUDA) and give each
+    rank its own GPU; return this process's rank, or None outside a multi-process job."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    cuda = args.device is not None and torch.device(args.device).type == "cuda"
+    if cuda and torch.device(args.device).index is None:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
+
+
 def _cmd_purify(args: argparse.Namespace) -> int:
     from ._purify_files import purify_files
 
-    out = purify_files(
-        args.input,
-        args.output,
-        _make_purify(args),
-        split=args.split,
-        batch_size=args.batch_size,
-        cache_dir=args.cache_dir,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    print(f"wrote {out}")
+    rank = _start_distributed(args)
+    try:
+        out = purify_files(
+            args.input,
+            args.output,
+            _make_purify(args),
+            split=args.split,
+            batch_size=args.batch_size,
+            cache_dir=args.cache_dir,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    finally:
+        if rank is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank in (None, 0):
+        print(f"wrote {out}")
     return 0
 
 

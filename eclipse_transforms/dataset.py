@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -48,6 +49,15 @@ def _split_item(item: Any, index: int) -> tuple[Any, Any]:
     return item[0], item[1]
 
 
+def _distributed() -> tuple[int, int] | None:
+    """``(rank, world_size)`` of torch.distributed's default group when a multi-process job has set it up."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
 # The scan reads this many items twice more, to tell a deterministic dataset from one whose own transform is
 # random: a flip with p=0.5 goes unnoticed with probability (1/4)^8 = 1.5e-5.
 _RANDOMNESS_PROBES = 8
@@ -66,6 +76,10 @@ class PurifiedDataset(Dataset):
     cache entry always holds the bytes of one build. A build that is interrupted resumes from its last complete
     shard; a shard whose bytes do not match its checksum is rebuilt; a second process building the same entry
     waits for the first and then reads its result.
+
+    Under ``torchrun`` (any script that has called ``torch.distributed.init_process_group``), every rank builds its
+    own share of the shards and all ranks return the same dataset; the cache is byte-identical to a one-process
+    build. Give each rank its own device (``device=f"cuda:{local_rank}"``).
 
     The wrapped dataset must return the same image for an index every time it is read: random augmentation
     (crops, flips) belongs in ``transform``, which is applied after the cache. A dataset whose own transform is
@@ -169,13 +183,16 @@ class PurifiedDataset(Dataset):
         self._check_writable(cache_dir)
         self._store = ShardStore(self.cache_path, num_items, shard_size, meta)
         self._shards: dict[int, dict[str, torch.Tensor]] = {}
+        ranks = _distributed()
+        if ranks is not None:
+            self._build_distributed(*ranks)
+            return
         missing = self._store.missing()
         if missing or self._store.stale_temporaries():
             with self._store.lock():
                 self._store.reload()  # a process that held the lock may have built what was missing
                 self._store.remove_stale_temporaries()
-                missing = self._store.missing()
-                self._build(missing)
+                self._build(self._store.missing())
         else:
             self._build(missing)
 
@@ -228,13 +245,38 @@ class PurifiedDataset(Dataset):
                 f"({e.strerror or e}); pass a folder you can write to, or set ECLIPSE_TRANSFORMS_CACHE."
             ) from e
 
-    def _build(self, shards: list[int]) -> None:
+    def _build_distributed(self, rank: int, world_size: int) -> None:
+        """Every rank of the default process group builds every ``world_size``-th missing shard.
+
+        Rank 0 holds the entry's lock for the whole build (other processes wait as for any build), cleans up and
+        decides which shards are missing; each rank writes its own shards and adds their checksums to the
+        manifest. The bytes are those of a one-process build: a shard's batches and seeds do not depend on who
+        builds it. A rank that fails fails the job (torchrun stops the others); the shards finished so far
+        stay, and a rerun with any number of ranks builds only the rest.
+        """
+        import torch.distributed as dist
+
+        with self._store.lock() if rank == 0 else contextlib.nullcontext():
+            if rank == 0:
+                self._store.reload()
+                self._store.remove_stale_temporaries()
+            missing = [self._store.missing() if rank == 0 else None]
+            dist.broadcast_object_list(missing, src=0)
+            mine = missing[0][rank::world_size]
+            logger.info("rank %d of %d builds shards %s", rank, world_size, mine)
+            self._build(mine, show_bar=rank == 0)
+            dist.barrier()  # every shard is written before rank 0 lets another process in
+        self._store.reload()
+        if self._store.missing():
+            raise RuntimeError(f"the distributed build of {self.cache_path} ended with shards missing.")
+
+    def _build(self, shards: list[int], *, show_bar: bool = True) -> None:
         if not shards:
             logger.info("purified cache %s is complete (%d shards)", self.cache_path, self._store.num_shards)
             return
         total = sum(len(self._store.shard_range(i)) for i in shards)
         logger.info("purifying %d images into %s", total, self.cache_path)
-        bar = tqdm(total=total, desc="purify", disable=not self.progress, unit="img")
+        bar = tqdm(total=total, desc="purify", disable=not (self.progress and show_bar), unit="img")
         done, start_time = 0, time.perf_counter()
         for n, shard in enumerate(shards, 1):
             indices = self._store.shard_range(shard)
