@@ -9,12 +9,12 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
@@ -47,6 +47,11 @@ def _split_item(item: Any, index: int) -> tuple[Any, Any]:
             f"{type(item).__name__}{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}."
         )
     return item[0], item[1]
+
+
+def _as_read(item: Any) -> Any:
+    """A DataLoader ``collate_fn`` that hands items over as the dataset returned them (no numpy conversion)."""
+    return item
 
 
 def _distributed() -> tuple[int, int] | None:
@@ -101,6 +106,8 @@ class PurifiedDataset(Dataset):
         seed: seed of the purification noise. Default: ``purify.seed``, or 0 if that is None.
         progress: show tqdm progress bars during the build.
         shard_size: images per cache shard.
+        num_workers: DataLoader worker processes that read (and decode) the wrapped dataset during the scan and
+            the build; 0 reads in this process. The cache does not depend on it.
 
     Attributes not found on this wrapper (e.g. ``classes``) are read from the wrapped dataset.
 
@@ -123,6 +130,7 @@ class PurifiedDataset(Dataset):
         seed: int | None = None,
         progress: bool = True,
         shard_size: int = 4096,
+        num_workers: int = 0,
     ) -> None:
         if purify is None:
             purify = EclipsePurify()
@@ -138,6 +146,7 @@ class PurifiedDataset(Dataset):
                 raise TypeError(f"{name} must be callable (e.g. a v2 transform) or None, got {value!r}.")
         batch_size = check_int(batch_size, "batch_size", minimum=1)
         shard_size = check_int(shard_size, "shard_size", minimum=1)
+        self.num_workers = check_int(num_workers, "num_workers", minimum=0)
         seed = check_int(seed, "seed", optional=True)
         if cache_dir is not None and not str(os.fspath(cache_dir)).strip():
             raise ValueError(
@@ -204,8 +213,9 @@ class PurifiedDataset(Dataset):
         h = hashlib.sha256()
         labels = torch.empty(num_items, dtype=torch.int64)
         shape, probes = None, []
+        items = self._read(range(num_items))
         for i in tqdm(range(num_items), desc="check data", disable=not self.progress, unit="img", leave=False):
-            image, label = _split_item(self.dataset[i], i)
+            image, label = _split_item(next(items), i)
             x, _ = to_float_batch(image, name=f"dataset image {i}")
             if x.shape[0] != 1:
                 raise ValueError(f"dataset image {i} must be one image (C, H, W), got shape {tuple(x.shape)}.")
@@ -270,6 +280,17 @@ class PurifiedDataset(Dataset):
         if self._store.missing():
             raise RuntimeError(f"the distributed build of {self.cache_path} ended with shards missing.")
 
+    def _read(self, indices: range) -> Iterator[Any]:
+        """The wrapped dataset's items ``indices``, in order, read by ``num_workers`` DataLoader workers (decoding a
+        folder of JPEGs is the slow part of a build long before the UNet, on a GPU); memory stays bounded by the
+        DataLoader's prefetching."""
+        if self.num_workers == 0:
+            return (self.dataset[i] for i in indices)
+        loader = DataLoader(
+            Subset(self.dataset, indices), batch_size=None, num_workers=self.num_workers, collate_fn=_as_read
+        )
+        return iter(loader)
+
     def _build(self, shards: list[int], *, show_bar: bool = True) -> None:
         if not shards:
             logger.info("purified cache %s is complete (%d shards)", self.cache_path, self._store.num_shards)
@@ -281,9 +302,10 @@ class PurifiedDataset(Dataset):
         for n, shard in enumerate(shards, 1):
             indices = self._store.shard_range(shard)
             out = torch.empty((len(indices), *self.image_shape), dtype=torch.uint8)
+            items = self._read(indices)
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]
-                x = torch.cat([to_float_batch(self.dataset[i][0])[0] for i in batch])
+                x = torch.cat([to_float_batch(next(items)[0])[0] for _ in batch])
                 y = self.purify.purify_batch(x, index_generators(batch, self.seed))
                 out[start : start + len(batch)] = quantize(y.cpu())
                 bar.update(len(batch))

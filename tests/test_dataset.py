@@ -405,3 +405,30 @@ def test_a_full_disk_names_the_cache(purify, tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "_atomic_write", full)
     with pytest.raises(OSError, match="no space left on the device while writing shard 0 of the cache"):
         build(purify, tmp_path)
+
+
+class PidLoggingDataset(ToyDataset):
+    """Appends the reading process's pid to ``log`` on every read."""
+
+    def __init__(self, log: Path) -> None:
+        super().__init__()
+        self.log = log
+
+    def __getitem__(self, i: int):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return super().__getitem__(i)
+
+
+def test_workers_read_the_source_and_change_nothing(purify, tmp_path):
+    serial = build(purify, tmp_path, cache_dir=tmp_path / "serial")
+    log = tmp_path / "reads.log"
+    parallel = build(purify, tmp_path, cache_dir=tmp_path / "workers", dataset=PidLoggingDataset(log), num_workers=2)
+    assert parallel.cache_path.name == serial.cache_path.name
+    assert shard_hashes(parallel.cache_path) == shard_hashes(serial.cache_path)
+    reads = log.read_text().split()
+    # The scan and the build read every item in workers; this process only re-reads the first 8 items twice,
+    # the check for a random source.
+    assert reads.count(str(os.getpid())) == 16 and len(reads) - 16 == 20
+    with pytest.raises(ValueError, match="num_workers must be an int >= 0"):
+        build(purify, tmp_path, num_workers=-1)
