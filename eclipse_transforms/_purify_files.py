@@ -15,8 +15,9 @@ from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
 from ._data import ImageSet, load_image_set
+from ._dist import ranks as distributed_ranks
 from ._outputs import check_output_location, is_owned, no_space, replace_folder
-from .dataset import PurifiedDataset, _distributed
+from .dataset import PurifiedDataset
 from .purify import EclipsePurify
 
 __all__ = ["purify_files"]
@@ -130,7 +131,7 @@ def purify_files(
     ds = PurifiedDataset(
         TensorDataset(data.images, labels), purify, cache_dir=cache_dir, batch_size=batch_size, progress=progress
     )
-    ranks = _distributed()
+    ranks = distributed_ranks()
     if ranks is not None and ranks[0] != 0:
         return out  # every rank built its share of the cache; rank 0 writes the output
     images = torch.stack([ds.purified(i) for i in range(len(ds))])

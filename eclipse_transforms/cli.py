@@ -84,9 +84,12 @@ def _start_distributed(args: argparse.Namespace) -> int | None:
     import torch
     import torch.distributed as dist
 
-    cuda = args.device is not None and torch.device(args.device).type == "cuda"
-    if cuda and torch.device(args.device).index is None:
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if args.device == "auto":  # the trainer's choice, which it makes per rank
+        cuda = torch.cuda.is_available()
+    else:
+        cuda = args.device is not None and torch.device(args.device).type == "cuda"
+        if cuda and torch.device(args.device).index is None:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank()
@@ -177,15 +180,23 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
+    rank = _start_distributed(args)
     config = _config_from_args(TrainConfig, args)
-    out = train(
-        config,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        max_minutes=args.max_minutes,
-        progress=not args.no_progress,
-    )
-    print(f"wrote {out}")
+    try:
+        out = train(
+            config,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            max_minutes=args.max_minutes,
+            progress=not args.no_progress,
+        )
+    finally:
+        if rank is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank in (None, 0):
+        print(f"wrote {out}")
     return 0
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import functional as EF
 from ._cache import ShardStore
+from ._dist import ranks as distributed_ranks
 from ._images import as_index, as_label, check_int, index_generators, quantize, to_float_batch
 from ._version import __version__
 from .denoiser import check_device
@@ -52,15 +53,6 @@ def _split_item(item: Any, index: int) -> tuple[Any, Any]:
 def _as_read(item: Any) -> Any:
     """A DataLoader ``collate_fn`` that hands items over as the dataset returned them (no numpy conversion)."""
     return item
-
-
-def _distributed() -> tuple[int, int] | None:
-    """``(rank, world_size)`` of torch.distributed's default group when a multi-process job has set it up."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return None
 
 
 # The scan reads this many items twice more, to tell a deterministic dataset from one whose own transform is
@@ -192,7 +184,7 @@ class PurifiedDataset(Dataset):
         self._check_writable(cache_dir)
         self._store = ShardStore(self.cache_path, num_items, shard_size, meta)
         self._shards: dict[int, dict[str, torch.Tensor]] = {}
-        ranks = _distributed()
+        ranks = distributed_ranks()
         if ranks is not None:
             self._build_distributed(*ranks)
             return

@@ -105,3 +105,46 @@ def test_cli_under_torchrun_writes_the_same_file(tiny_folder, tmp_path):
     assert two.stdout.count("wrote") == 1  # rank 0 writes the output
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def _train_rank(rank: int, world_size: int, init_file: str, config: dict) -> None:
+    from eclipse_transforms.training import TrainConfig, train
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        train(TrainConfig(**config), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_ddp_step_is_the_step_on_the_whole_batch(tmp_path):
+    from safetensors.torch import load_file
+
+    from eclipse_transforms.training import train
+
+    from .test_training import tiny_config
+
+    # dropout off: each rank draws its own masks, the one thing a rank's half-batch cannot reproduce
+    one = tiny_config(tmp_path, output_dir=str(tmp_path / "one"), dropout=0.0, max_steps=1, batch_size=4)
+    train(one, progress=False)
+    two = {**one.to_dict(), "output_dir": str(tmp_path / "two")}
+    two = {k: tuple(v) if isinstance(v, list) else v for k, v in two.items()}
+    mp.spawn(_train_rank, args=(2, str(tmp_path / "init"), two), nprocs=2)
+    # DDP's averaged gradient equals the whole batch's to rounding (about 1e-8 here). Adam divides each gradient by
+    # its own size, so where a gradient is itself at rounding level (a few weights in 10,000: the attention's key
+    # bias has a true gradient of 0) rounding picks the sign of a step of size up to lr. So: every weight within
+    # one Adam step, and all but those few equal to rounding.
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(tmp_path / "one" / "checkpoints" / "step-0000001" / name)
+        b = load_file(tmp_path / "two" / "checkpoints" / "step-0000001" / name)
+        assert a.keys() == b.keys()
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        assert diff.max() <= 2 * one.lr, f"{name}: DDP differs from one process by {diff.max()}"
+        assert (diff > 1e-6).float().mean() < 1e-3, f"{name}: {(diff > 1e-6).sum()} of {len(diff)} weights differ"
+    # ...and the steps did move the weights, so agreeing is not trivial.
+    from eclipse_transforms.training.trainer import build_unet
+
+    torch.manual_seed(one.seed)
+    initial = build_unet(one, 8).state_dict()
+    trained = load_file(tmp_path / "two" / "checkpoints" / "step-0000001" / "model.safetensors")
+    assert max((initial[k] - trained[k]).abs().max().item() for k in trained) > 100 * 1e-5

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .._data import load_image_set, load_indices
+from .._dist import ranks as distributed_ranks
 from .._images import derive_seed
 from .._machine import hardware_name
 from .._outputs import check_output_location
@@ -215,25 +219,42 @@ def train(
         holdout_images = load_image_set(config.data, split=config.holdout_split or config.split).images
         holdout = holdout_images[_checked_indices(config.holdout, len(holdout_images))]
     device = _resolve_device(config.device)
-    if replace:  # only now that every input has been read and checked
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    ranks = distributed_ranks()
+    rank, world_size = ranks or (0, 1)
+    if config.batch_size % world_size:
+        raise ValueError(
+            f"batch_size={config.batch_size} is the global batch of a step and must divide evenly among the "
+            f"{world_size} ranks; pass a multiple of {world_size}."
+        )
+    if ranks is not None:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        dist.barrier()  # every rank has checked the output folder before rank 0 changes it
+    if rank == 0:
+        if replace:  # only now that every input has been read and checked
+            shutil.rmtree(root)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     torch.manual_seed(config.seed)
-    model = build_unet(config, images.shape[-1]).to(device)
+    net = build_unet(config, images.shape[-1]).to(device)
     ema = build_unet(config, images.shape[-1]).to(device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    ema.load_state_dict(net.state_dict())
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = build_scheduler(config)
     state = {"step": 0, "seconds": 0.0, "runs": [], "holdout_loss": None}
     if latest is not None:
-        model.load_state_dict(load_file(latest / "model.safetensors", device=str(device)))
+        net.load_state_dict(load_file(latest / "model.safetensors", device=str(device)))
         ema.load_state_dict(load_file(latest / "ema.safetensors", device=str(device)))
         optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((latest / STATE_NAME).read_text())
         logger.info("resumed from %s (step %d)", latest, state["step"])
 
+    # Under torchrun, DDP averages the ranks' gradients: each rank takes its slice of the step's global batch, so a
+    # step is the same step as on the whole batch in one process (dropout masks aside: each rank draws its own).
+    model = (
+        net if ranks is None else DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    )
     batches = _Batches(images, config, device)
     use_bf16 = device.type == "cuda"
     start_step, run_start = state["step"], time.perf_counter()
@@ -244,10 +265,14 @@ def train(
         "hardware": hardware_name(device),
         "torch_threads": torch.get_num_threads(),
     }
-    bar = tqdm(total=config.max_steps, initial=start_step, disable=not progress, desc="train", unit="step")
+    bar = tqdm(
+        total=config.max_steps, initial=start_step, disable=not (progress and rank == 0), desc="train", unit="step"
+    )
     step = start_step
 
     def checkpoint() -> None:
+        if rank != 0:  # one writer; the ranks hold the same weights
+            return
         elapsed = time.perf_counter() - run_start
         run_info.update(end_step=step, seconds=round(elapsed, 1))
         state.update(step=step, seconds=round(state["seconds"] + (time.perf_counter() - checkpoint.t0), 1))
@@ -264,14 +289,16 @@ def train(
         )
         logger.info("checkpoint at step %d: %s", step, state["history"][-1])
         state["runs"] = [r for r in state["runs"] if r.get("start_step") != start_step] + [dict(run_info)]
-        _save_checkpoint(root, step, model, ema, optimizer, state)
+        _save_checkpoint(root, step, net, ema, optimizer, state)
 
     checkpoint.t0 = run_start
     checkpoint.losses = []
     model.train()
     while step < config.max_steps:
         x, t, noise = batches(step)
-        torch.manual_seed(derive_seed(config.seed, "dropout", step))
+        if ranks is not None:
+            x, t, noise = (v.chunk(world_size)[rank] for v in (x, t, noise))
+        torch.manual_seed(derive_seed(config.seed, "dropout", step, *([rank] if ranks is not None else [])))
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -282,7 +309,7 @@ def train(
         optimizer.step()
         decay = min(config.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            for e, p in zip(ema.parameters(), net.parameters(), strict=True):
                 e.lerp_(p, 1 - decay)
         step += 1
         loss_value = loss.item()
@@ -294,6 +321,10 @@ def train(
             on_step(step, loss_value)
         now = time.perf_counter()
         out_of_time = max_minutes is not None and now - run_start > 60 * max_minutes
+        if ranks is not None:  # the ranks stop together, at rank 0's clock
+            flag = torch.tensor([float(out_of_time)], device=device if dist.get_backend() == "nccl" else "cpu")
+            dist.broadcast(flag, src=0)
+            out_of_time = bool(flag.item())
         if now - last_ckpt > 60 * config.checkpoint_minutes or step == config.max_steps or out_of_time:
             checkpoint()
             last_ckpt = time.perf_counter()
@@ -303,11 +334,13 @@ def train(
     bar.close()
     if step == start_step and latest is None:
         checkpoint()
-    if holdout is None:
+    if rank == 0 and holdout is None:
         export(root, ema, scheduler, config, state, indices)
-    else:  # the weights are the best checkpoint's; refresh the card with the whole run's history
+    elif rank == 0:  # the weights are the best checkpoint's; refresh the card with the whole run's history
         (root / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
         write_model_card(root, config, state, num_images=len(indices) if indices is not None else None)
+    if ranks is not None:
+        dist.barrier()  # the weights are written when train() returns, on every rank
     return root
 
 
