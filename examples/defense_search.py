@@ -24,12 +24,20 @@ Candidates (``--list`` prints them):
 * ``random-blur``: against CUDA's class-wise blur kernels, every image is convolved every epoch with its own
   random 3x3 kernel, ``(1 - s) * identity + s * k`` with k's entries uniform and normalised to sum 1 and the
   strength s uniform in [0, 1], so a blur no longer tells the class.
+* ``jpeg-restore`` / ``jpeg-restore-eclipse``: JPEG at quality 10, then the restorer that
+  ``examples/train_restorer.py`` trained on the sparse clean set to undo JPEG (``--restorer FOLDER``); the second
+  adds ECLIPSE's per-epoch compensation.
+* ``median3``: a 3x3 median filter, once: a one-pixel shortcut (OPS) is an outlier a median removes.
+* ``despeckle``: only the outliers: a pixel that differs from the median of its 3x3 neighbourhood by more than
+  32/255 in some channel takes that median, once; everything else is left as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -148,6 +156,61 @@ def _random_blur(context: DefenseContext) -> Defense:
     )
 
 
+def _median3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 median of every channel of uint8 ``(N, C, H, W)``, reflect-padded."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x.float(), (1, 1, 1, 1), mode="reflect")
+    patches = torch.nn.functional.unfold(padded.reshape(n * c, 1, h + 2, w + 2), 3)  # (N*C, 9, H*W)
+    return patches.median(dim=1).values.view(n, c, h, w).round().to(torch.uint8)
+
+
+@candidate("median3")
+def _median(context: DefenseContext) -> Defense:
+    return Defense("median3", prepare=lambda x, y: _median3(x), options={"kernel": 3})
+
+
+def despeckle(x: torch.Tensor, threshold: int = 32) -> torch.Tensor:
+    """Replace the pixels of uint8 ``(N, C, H, W)`` that stand out from their 3x3 median by more than
+    ``threshold`` levels in any channel with that median (all channels of the pixel)."""
+    median = _median3(x)
+    outlier = (x.int() - median.int()).abs().amax(1, keepdim=True) > threshold
+    return torch.where(outlier, median, x)
+
+
+@candidate("despeckle")
+def _despeckle(context: DefenseContext) -> Defense:
+    return Defense("despeckle", prepare=lambda x, y: despeckle(x), options={"threshold": 32})
+
+
+#: Set from ``--restorer``: the folder that examples/train_restorer.py wrote.
+RESTORER: dict[str, str] = {}
+
+
+def _jpeg_restore(name: str, compensate: bool):
+    def factory(context: DefenseContext) -> Defense:
+        from train_restorer import load_restorer, restore  # examples/, beside this script
+
+        folder = Path(RESTORER.get("folder", ".devdata/restorer"))
+        weights = folder / "restorer.safetensors"
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else "missing"
+
+        def prepare(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return restore(load_restorer(folder), jpeg(x, 10))
+
+        return Defense(
+            name,
+            prepare=prepare,
+            epoch_transform=compensation() if compensate else None,
+            options={"quality": 10, "restorer": digest, "compensation": compensate},
+        )
+
+    return factory
+
+
+candidate("jpeg-restore")(_jpeg_restore("jpeg-restore", False))
+candidate("jpeg-restore-eclipse")(_jpeg_restore("jpeg-restore-eclipse", True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=False, help="CIFAR-10 .npz or torchvision root")
@@ -160,7 +223,9 @@ def main() -> None:
     parser.add_argument("--t-star", type=int, default=100)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list", action="store_true", help="print the candidates and exit")
+    parser.add_argument("--restorer", default=".devdata/restorer", help="folder of examples/train_restorer.py")
     args = parser.parse_args()
+    RESTORER["folder"] = args.restorer
     if args.list:
         print("\n".join(CANDIDATES))
         return
