@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import operator
@@ -157,6 +158,21 @@ def to_float_batch(
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """Float ``[0, 1]`` to uint8 by rounding to the nearest of the 256 levels."""
     return x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def keeps_global_rng(fn: Callable) -> Callable:
+    """Decorate ``fn`` so that it leaves torch's global random state as it found it (CPU and every CUDA device).
+
+    The trainer and the bench's classifier seed torch's global generator for weight initialisation and dropout;
+    a library must not move its caller's random stream, so they run inside ``torch.random.fork_rng``.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def derive_seed(*parts: Any) -> int:

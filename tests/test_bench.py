@@ -111,7 +111,10 @@ def test_train_classifier_learns_a_separable_toy_problem():
     images = torch.randint(0, 100, (120, 3, 16, 16), generator=g, dtype=torch.uint8)
     images[labels == 1] += 120  # class 1 is bright
     recipe = Recipe(widths=(8, 8, 8), epochs=10, batch_size=16, crop_padding=2)
+    torch.manual_seed(7)
+    callers_state = torch.get_rng_state()
     a = train_classifier(images[:80], labels[:80], images[80:], labels[80:], recipe, progress=False)
+    assert torch.equal(torch.get_rng_state(), callers_state)  # seeded inside, without moving the caller's stream
     b = train_classifier(images[:80], labels[:80], images[80:], labels[80:], recipe, progress=False)
     assert a["test_accuracy"] > 0.9
     assert a["test_accuracy"] == b["test_accuracy"]  # seeded end to end

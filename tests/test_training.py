@@ -51,7 +51,10 @@ def test_training_lowers_the_loss(tmp_path):
 
 
 def test_output_loads_through_the_denoiser_loader(tmp_path):
+    torch.manual_seed(7)
+    callers_state = torch.get_rng_state()
     out = train(tiny_config(tmp_path), progress=False)
+    assert torch.equal(torch.get_rng_state(), callers_state)  # seeded inside, without moving the caller's stream
     den = load_denoiser(out)
     assert den.t_max == 20 and den.num_train_timesteps == 100
     assert den.scheduler.config.beta_schedule == "squaredcos_cap_v2"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
-from .._images import derive_seed
+from .._images import derive_seed, keeps_global_rng
 from .crafting import CraftState, digest, uniform_like
 from .models import build_model
 
@@ -136,6 +136,7 @@ def evaluate(
     return hits / len(images)
 
 
+@keeps_global_rng
 def fit_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .._data import load_image_set, load_indices
 from .._dist import ranks as distributed_ranks
-from .._images import derive_seed
+from .._images import derive_seed, keeps_global_rng
 from .._machine import hardware_name
 from .._outputs import check_output_location
 from ..denoiser import Denoiser, check_device
@@ -164,6 +164,7 @@ def _latest_checkpoint(root: Path) -> Path | None:
     return root / "checkpoints" / json.loads(pointer.read_text())["dir"]
 
 
+@keeps_global_rng
 def train(
     config: TrainConfig,
     *,
