@@ -93,7 +93,7 @@ class EclipsePurify(DiffusionTransform):
     def _apply_batch(self, x: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
         out = self.purify_batch(x, content_generators(x, params["seed"]))
         if self.compensation is not None:
-            out = EF.compensate(out, p_gray=self.compensation.p_gray, sigma=self.compensation.sigma)
+            out = self.compensation.compensate(out)
         return out.to(x.device)
 
     def extra_repr(self) -> str:

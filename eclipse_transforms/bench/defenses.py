@@ -28,7 +28,6 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision.transforms.v2 import functional as F
 
-from .. import functional as EF
 from ..compensation import CorruptionCompensation
 from ..dataset import PurifiedDataset
 from ..denoiser import load_denoiser
@@ -122,12 +121,7 @@ def purified(images: torch.Tensor, labels: torch.Tensor, context: DefenseContext
 
 
 def compensation(p_gray: float = 0.4, sigma: float = 0.05) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
-    CorruptionCompensation(p_gray=p_gray, sigma=sigma)  # validates the arguments the way users see them checked
-
-    def apply(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return EF.compensate(x, p_gray=p_gray, sigma=sigma, generator=generator)
-
-    return apply
+    return CorruptionCompensation(p_gray=p_gray, sigma=sigma).compensate
 
 
 # -- the registry ---------------------------------------------------------------------------------------------------
