@@ -29,8 +29,12 @@ class ReverseDiffusion(DiffusionTransform):
     Output: images in ``[0, 1]``, same shape, dtype and device.
 
     Example:
-        >>> denoise = ReverseDiffusion(tiny_denoiser, t_star=10, steps=2, seed=0)  # doctest: +SKIP
-        >>> clean = denoise(noisy)  # doctest: +SKIP
+        >>> from eclipse_transforms import ForwardDiffusion
+        >>> noisy = ForwardDiffusion(tiny_denoiser, t_star=10, seed=0)(torch.rand(2, 3, 8, 8))
+        >>> denoise = ReverseDiffusion(tiny_denoiser, t_star=10, steps=2, seed=0)
+        >>> clean = denoise(noisy)
+        >>> clean.shape, bool(clean.min() >= 0 and clean.max() <= 1)
+        (torch.Size([2, 3, 8, 8]), True)
     """
 
     accepts_uint8 = False

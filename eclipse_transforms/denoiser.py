@@ -41,20 +41,19 @@ BUNDLED_NAME = "cifar10-sparse-ddpm"
 class Denoiser(nn.Module):
     """A noise-predicting UNet and the DDPM schedule it was trained with.
 
-        Args:
-            unet: diffusers ``UNet2DModel`` that predicts the noise ``ε`` from ``(x_t, t)``, images in ``[-1, 1]``.
-            scheduler: the ``DDPMScheduler`` the UNet was trained with (its ``num_train_timesteps`` defines ``T``).
-            t_max: largest ``t_star`` the UNet was trained for (training may cover only ``t < t_max``). Defaults to ``T``.
-            source: where the weights came from (a path or ``repo@revision``), for ``repr`` and logs.
+    Args:
+        unet: diffusers ``UNet2DModel`` that predicts the noise ``ε`` from ``(x_t, t)``, images in ``[-1, 1]``.
+        scheduler: the ``DDPMScheduler`` the UNet was trained with (its ``num_train_timesteps`` defines ``T``).
+        t_max: largest ``t_star`` the UNet was trained for (training may cover only ``t < t_max``). Defaults to ``T``.
+        source: where the weights came from (a path or ``repo@revision``), for ``repr`` and logs.
 
-        Example:
-            >>> from diffusers import DDPMScheduler, UNet2DModel
-    from safetensors.torch import load_file, save_file
-            >>> unet = UNet2DModel(sample_size=8, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4,
-            ...                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-            >>> den = Denoiser(unet, DDPMScheduler(num_train_timesteps=4000, beta_schedule="squaredcos_cap_v2"), t_max=300)
-            >>> den.t_max, den.num_train_timesteps
-            (300, 4000)
+    Example:
+        >>> from diffusers import DDPMScheduler, UNet2DModel
+        >>> unet = UNet2DModel(sample_size=8, block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=4,
+        ...                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+        >>> den = Denoiser(unet, DDPMScheduler(num_train_timesteps=4000, beta_schedule="squaredcos_cap_v2"), t_max=300)
+        >>> den.t_max, den.num_train_timesteps
+        (300, 4000)
     """
 
     def __init__(

@@ -30,8 +30,10 @@ class ForwardDiffusion(DiffusionTransform):
     ``denoiser.size_multiple``. Output: same shape, dtype and device.
 
     Example:
-        >>> noise = ForwardDiffusion(tiny_denoiser, t_star=10, seed=0)  # doctest: +SKIP
-        >>> noisy = noise(torch.rand(2, 3, 8, 8))  # doctest: +SKIP
+        >>> noise = ForwardDiffusion(tiny_denoiser, t_star=10, seed=0)
+        >>> noisy = noise(torch.rand(2, 3, 8, 8))
+        >>> noisy.shape
+        torch.Size([2, 3, 8, 8])
     """
 
     accepts_uint8 = False

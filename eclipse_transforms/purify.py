@@ -48,9 +48,11 @@ class EclipsePurify(DiffusionTransform):
 
     Example:
         >>> from torchvision.transforms import v2
-        >>> purify = EclipsePurify(seed=0)  # doctest: +SKIP
-        >>> tf = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), purify])  # doctest: +SKIP
-        >>> out = purify(torch.rand(4, 3, 32, 32))  # doctest: +SKIP
+        >>> purify = EclipsePurify(seed=0)  # the bundled CIFAR-10 weights
+        >>> tf = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), purify])
+        >>> out = purify(torch.rand(4, 3, 32, 32))
+        >>> out.shape, out.dtype
+        (torch.Size([4, 3, 32, 32]), torch.float32)
     """
 
     def __init__(
