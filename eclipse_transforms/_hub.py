@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     HFValidationError,
     LocalEntryNotFoundError,
@@ -14,8 +14,24 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+# The files whose presence makes a folder a denoiser (pipeline layout first, then the flat one).
+CONFIG_FILES = ("model_index.json", "unet/config.json", "config.json")
+
 # What a denoiser folder may hold; everything else in a Hub repo (images, logs) is not downloaded.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "unet/*.bin", "*.bin"]
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> Path | None:
+    """The cached snapshot folder of ``repo_id`` at ``revision``, found file by file without the Hub.
+
+    Offline, some huggingface_hub releases (1.33 among them) refuse ``snapshot_download`` of a pinned commit
+    because they list the repository's tree first; the files are in the cache all the same.
+    """
+    for filename in CONFIG_FILES:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(found, str):
+            return Path(found).parents[filename.count("/")]
+    return None
 
 
 def resolve_pretrained(
@@ -50,6 +66,9 @@ def resolve_pretrained(
             f"revision={revision!r} does not exist in {name!r}; pass an existing branch, tag or commit hash."
         ) from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        cached = _cached_snapshot(name, revision, cache_dir)
+        if cached is not None:
+            return cached
         rev = "" if revision is None else f" at revision {revision!r}"
         raise OSError(
             f"pretrained={name!r}{rev}: {local}as a Hub repo id it is not in the local Hub cache and the Hub "
