@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 
 from huggingface_hub import snapshot_download, try_to_load_from_cache
-from huggingface_hub.errors import (
+
+# huggingface_hub.utils exports the errors in every release the project declares (0.23 to 2.x); .errors only
+# has all of them since 0.24.
+from huggingface_hub.utils import (
     HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,

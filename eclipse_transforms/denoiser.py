@@ -151,7 +151,12 @@ class Denoiser(nn.Module):
         """
         root = Path(save_directory)
         root.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(root / "unet", safe_serialization=True)
+        # The UNet computes in channels-last; safetensors before 0.4.3 refuses the strided tensors that gives.
+        self.unet.to(memory_format=torch.contiguous_format)
+        try:
+            self.unet.save_pretrained(root / "unet", safe_serialization=True)
+        finally:
+            self.unet.to(memory_format=torch.channels_last)
         if dtype is not None and dtype != self.dtype:
             weights = root / "unet" / WEIGHTS_NAME
             save_file(
