@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 
 __all__ = ["main"]
 
@@ -95,21 +96,12 @@ def _start_distributed(args: argparse.Namespace) -> int | None:
     return dist.get_rank()
 
 
-def _cmd_purify(args: argparse.Namespace) -> int:
-    from ._purify_files import purify_files
-
+def _on_every_rank(args: argparse.Namespace, work: Callable[[], object]) -> int:
+    """Run ``work()`` alone or as this process's rank of a torchrun job; the only process, or rank 0, says what
+    ``work`` wrote."""
     rank = _start_distributed(args)
     try:
-        out = purify_files(
-            args.input,
-            args.output,
-            _make_purify(args),
-            split=args.split,
-            batch_size=args.batch_size,
-            cache_dir=args.cache_dir,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
+        out = work()
     finally:
         if rank is not None:
             import torch.distributed as dist
@@ -118,6 +110,24 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     if rank in (None, 0):
         print(f"wrote {out}")
     return 0
+
+
+def _cmd_purify(args: argparse.Namespace) -> int:
+    from ._purify_files import purify_files
+
+    return _on_every_rank(
+        args,
+        lambda: purify_files(
+            args.input,
+            args.output,
+            _make_purify(args),
+            split=args.split,
+            batch_size=args.batch_size,
+            cache_dir=args.cache_dir,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        ),
+    )
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -180,24 +190,16 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
-    rank = _start_distributed(args)
-    config = _config_from_args(TrainConfig, args)
-    try:
-        out = train(
-            config,
+    return _on_every_rank(
+        args,
+        lambda: train(
+            _config_from_args(TrainConfig, args),
             resume=args.resume,
             overwrite=args.overwrite,
             max_minutes=args.max_minutes,
             progress=not args.no_progress,
-        )
-    finally:
-        if rank is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    if rank in (None, 0):
-        print(f"wrote {out}")
-    return 0
+        ),
+    )
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
