@@ -224,6 +224,7 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list", action="store_true", help="print the candidates and exit")
     parser.add_argument("--restorer", default=".devdata/restorer", help="folder of examples/train_restorer.py")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished cells")
     args = parser.parse_args()
     RESTORER["folder"] = args.restorer
     if args.list:
@@ -242,7 +243,7 @@ def main() -> None:
         t_star=args.t_star,
         progress=not args.no_progress,
     )
-    print(format_table(run_bench(config)))
+    print(format_table(run_bench(config, train=not args.report_only)))
 
 
 if __name__ == "__main__":
