@@ -27,6 +27,8 @@ Candidates (``--list`` prints them):
 * ``jpeg-restore`` / ``jpeg-restore-eclipse``: JPEG at quality 10, then the restorer that
   ``examples/train_restorer.py`` trained on the sparse clean set to undo JPEG (``--restorer FOLDER``); the second
   adds ECLIPSE's per-epoch compensation.
+* ``jpeg-q20-displace-0.8`` / ``eclipse-displace-0.8``: JPEG q20 once, or ECLIPSE's purification once, then
+  COIN's displacement (±0.8 px) every epoch (and, for ECLIPSE, its compensation after it).
 * ``median3``: a 3x3 median filter, once: a one-pixel shortcut (OPS) is an outlier a median removes.
 * ``despeckle``: only the outliers: a pixel that differs from the median of its 3x3 neighbourhood by more than
   32/255 in some channel takes that median, once; everything else is left as it is.
@@ -130,6 +132,27 @@ for _alpha in (0.8, 1.2, 2.0):
         )
 
     candidate(f"displace-{_alpha}")(_displace_factory)
+
+
+@candidate("jpeg-q20-displace-0.8")
+def _jpeg_displace(context: DefenseContext) -> Defense:
+    return Defense(
+        "jpeg-q20-displace-0.8",
+        prepare=lambda x, y: jpeg(x, 20),
+        epoch_transform=lambda x, g: displace(x, g, 0.8),
+        options={"quality": 20, "alpha": 0.8},
+    )
+
+
+@candidate("eclipse-displace-0.8")
+def _eclipse_displace(context: DefenseContext) -> Defense:
+    compensate = compensation()
+    return Defense(
+        "eclipse-displace-0.8",
+        prepare=lambda x, y: purified(x, y, context, DEFAULT_STEPS),
+        epoch_transform=lambda x, g: compensate(displace(x, g, 0.8), g),
+        options={"t_star": context.t_star, "steps": DEFAULT_STEPS, "alpha": 0.8, "compensation": True},
+    )
 
 
 def random_blur(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
