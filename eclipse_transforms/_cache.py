@@ -24,9 +24,9 @@ import logging
 import operator
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from filelock import FileLock, Timeout
@@ -54,12 +54,16 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write ``data`` (bytes, or a function that writes to the open file) to ``path`` all at once or not at all."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -127,15 +131,14 @@ class ShardStore:
         finally:
             lock.release()
 
-    def stale_temporaries(self) -> list[Path]:
-        """Temporary files of shard and manifest writes; outside a build, a killed build left them."""
-        return [p for pattern in _TEMPORARIES for p in self.root.glob(pattern)]
-
-    def remove_stale_temporaries(self) -> None:
-        """Delete the temporary files a killed build left behind (call while holding :meth:`lock`)."""
-        for path in self.stale_temporaries():
+    def prepare_build(self) -> list[int]:
+        """The shards to build, after reading the manifest again (a process that held the lock may have written
+        some) and deleting the temporary files a killed build left. Call while holding :meth:`lock`."""
+        self.reload()
+        for path in [p for pattern in _TEMPORARIES for p in self.root.glob(pattern)]:
             logger.info("removing %s, left by an interrupted build", path)
             path.unlink(missing_ok=True)
+        return self.missing()
 
     @property
     def num_shards(self) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from torch.utils.data import TensorDataset
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
+from ._cache import _atomic_write
 from ._data import ImageSet, load_image_set
 from ._dist import ranks as distributed_ranks
 from ._outputs import check_output_location, is_owned, no_space, replace_folder
@@ -136,20 +136,15 @@ def purify_files(
         return out  # every rank built its share of the cache; rank 0 writes the output
     images = torch.stack([ds.purified(i) for i in range(len(ds))])
     out.parent.mkdir(parents=True, exist_ok=True)
+    what = f"the output {out} (the purified images are cached: a rerun only writes)"
     if out.suffix.lower() == ".npz":
         arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
         if data.labels is not None:
             arrays["labels"] = data.labels.numpy()
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, out)
-        except BaseException as e:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise no_space(e, f"the output {out} (the purified images are cached: a rerun only writes)") from e
-            raise
+            _atomic_write(out, lambda f: np.savez(f, **arrays))
+        except OSError as e:
+            raise no_space(e, what) from e
         return out
     _remove_leftovers(out)
     staged = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -164,6 +159,6 @@ def purify_files(
     except BaseException as e:
         shutil.rmtree(staged, ignore_errors=True)  # the staging folder is this call's own
         if isinstance(e, OSError):
-            raise no_space(e, f"the output {out} (the purified images are cached: a rerun only writes)") from e
+            raise no_space(e, what) from e
         raise
     return out

@@ -188,14 +188,8 @@ class PurifiedDataset(Dataset):
         if ranks is not None:
             self._build_distributed(*ranks)
             return
-        missing = self._store.missing()
-        if missing or self._store.stale_temporaries():
-            with self._store.lock():
-                self._store.reload()  # a process that held the lock may have built what was missing
-                self._store.remove_stale_temporaries()
-                self._build(self._store.missing())
-        else:
-            self._build(missing)
+        with self._store.lock():  # free at once unless another process is building this entry
+            self._build(self._store.prepare_build())
 
     # -- construction ------------------------------------------------------------------------------------------
 
@@ -259,17 +253,14 @@ class PurifiedDataset(Dataset):
         import torch.distributed as dist
 
         with self._store.lock() if rank == 0 else contextlib.nullcontext():
-            if rank == 0:
-                self._store.reload()
-                self._store.remove_stale_temporaries()
-            missing = [self._store.missing() if rank == 0 else None]
+            missing = [self._store.prepare_build() if rank == 0 else None]
             dist.broadcast_object_list(missing, src=0)
             mine = missing[0][rank::world_size]
             logger.info("rank %d of %d builds shards %s", rank, world_size, mine)
             self._build(mine, show_bar=rank == 0)
             dist.barrier()  # every shard is written before rank 0 lets another process in
-        self._store.reload()
-        if self._store.missing():
+        self._store.reload()  # every rank's checksums; each shard was hashed by the rank that wrote it
+        if len(self._store.checksums) < self._store.num_shards:
             raise RuntimeError(f"the distributed build of {self.cache_path} ended with shards missing.")
 
     def _read(self, indices: range) -> Iterator[Any]:
@@ -317,7 +308,9 @@ class PurifiedDataset(Dataset):
 
     def purified(self, index: int) -> torch.Tensor:
         """The cached purified image ``index`` as uint8 ``(C, H, W)``, without compensation or transform."""
-        index = as_index(index)
+        return self._purified(as_index(index))
+
+    def _purified(self, index: int) -> torch.Tensor:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} items.")
         index %= len(self)
@@ -328,7 +321,7 @@ class PurifiedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         index = as_index(index)
-        x = self.purified(index).to(torch.float32).div_(255)
+        x = self._purified(index).to(torch.float32).div_(255)
         if self.compensation is not None:
             # compensate() draws the same numbers from torch's global RNG as calling the transform, without
             # the v2 dispatch and input checks per item (the cached images are known-good): 2.4x faster reads

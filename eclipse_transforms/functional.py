@@ -19,7 +19,7 @@ import torch
 from diffusers import DDPMScheduler
 from torchvision.transforms.v2 import functional as F
 
-from ._images import check_channels, check_float_images
+from ._images import check_channels, check_float_images, check_int
 from .denoiser import Denoiser
 
 __all__ = [
@@ -38,8 +38,7 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 def check_t_star(t_star: int, denoiser: Denoiser) -> int:
     """Validate ``t_star`` against the schedule length ``T`` and the range the weights were trained for."""
-    if isinstance(t_star, bool) or not isinstance(t_star, (int, np.integer)):
-        raise TypeError(f"t_star must be an int, got {type(t_star).__name__}.")
+    t_star = check_int(t_star, "t_star")
     T = denoiser.num_train_timesteps
     if not 1 <= t_star <= T:
         raise ValueError(f"t_star must be in [1, {T}] (the denoiser's num_train_timesteps), got {t_star}.")
@@ -48,20 +47,19 @@ def check_t_star(t_star: int, denoiser: Denoiser) -> int:
             f"t_star={t_star} is above t_max={denoiser.t_max}, the largest timestep these weights were trained "
             f"for; use t_star <= {denoiser.t_max} or weights trained with a larger t_max."
         )
-    return int(t_star)
+    return t_star
 
 
 def check_steps(steps: int | None, t_star: int) -> int:
     """``steps=None`` means the paper's sampler: one ancestral step per timestep, ``t_star`` steps."""
     if steps is None:
         return t_star
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-        raise TypeError(f"steps must be an int or None, got {type(steps).__name__}.")
+    steps = check_int(steps, "steps", optional=True)
     if not 1 <= steps <= t_star:
         raise ValueError(
             f"steps must be in [1, t_star={t_star}] (None for the paper's {t_star}-step sampler), got {steps}."
         )
-    return int(steps)
+    return steps
 
 
 def sampling_timesteps(t_star: int, steps: int | None = None) -> list[int]:
