@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 MANIFEST_LOCK = ".manifest.lock"
-# What _atomic_write names its temporary files in an entry: ".<name>.<random>.tmp".
+# What atomic_write names its temporary files in an entry: ".<name>.<random>.tmp".
 _TEMPORARIES = (".shard-*.safetensors.*.tmp", f".{MANIFEST}.*.tmp")
 
 
@@ -54,7 +54,7 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def _atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
     """Write ``data`` (bytes, or a function that writes to the open file) to ``path`` all at once or not at all."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -72,9 +72,9 @@ def _atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object]) -> Non
         raise
 
 
-def _atomic_write_json(path: Path, obj: Any, **dumps_options: Any) -> None:
+def atomic_write_json(path: Path, obj: Any, **dumps_options: Any) -> None:
     """``obj`` as JSON text (``indent=2`` unless told otherwise) with a final newline, written atomically."""
-    _atomic_write(path, (json.dumps(obj, **{"indent": 2, **dumps_options}) + "\n").encode())
+    atomic_write(path, (json.dumps(obj, **{"indent": 2, **dumps_options}) + "\n").encode())
 
 
 class ShardStore:
@@ -168,7 +168,7 @@ class ShardStore:
             raise RuntimeError(f"shard {i} must hold {expected} items, got {images.shape[0]}.")
         data = st_save({"images": images.contiguous(), "labels": labels.contiguous()})
         try:
-            _atomic_write(self.shard_path(i), data)
+            atomic_write(self.shard_path(i), data)
             # Several processes (the ranks of a distributed build) may add shards to one manifest: each adds its
             # own to what is on disk, one at a time.
             with FileLock(self.root / MANIFEST_LOCK):
@@ -179,7 +179,7 @@ class ShardStore:
                     "shard_size": self.shard_size,
                     "shards": checksums,
                 }
-                _atomic_write_json(self.root / MANIFEST, manifest, indent=1, sort_keys=True)
+                atomic_write_json(self.root / MANIFEST, manifest, indent=1, sort_keys=True)
             self.checksums = checksums
         except OSError as e:
             raise no_space(

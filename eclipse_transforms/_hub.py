@@ -15,6 +15,7 @@ from huggingface_hub.utils import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    validate_repo_id,
 )
 
 # The files whose presence makes a folder a denoiser (pipeline layout first, then the flat one).
@@ -51,7 +52,11 @@ def resolve_pretrained(
     name = os.fspath(pretrained)
     if path.exists():
         raise ValueError(f"pretrained={name!r} is a file; pass the folder that holds the denoiser's config.json.")
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+    try:
+        validate_repo_id(name)  # huggingface_hub's own rules (characters, length, "--" and "..")
+    except HFValidationError as e:
+        raise ValueError(f"pretrained={name!r} is neither an existing folder nor a valid Hub repo id ({e}).") from e
+    if name.count("/") != 1:
         raise ValueError(
             f"pretrained={name!r} is neither an existing folder nor a Hub repo id of the form 'owner/name'."
         )
@@ -78,5 +83,3 @@ def resolve_pretrained(
             "cannot be reached (offline, HF_HUB_OFFLINE=1, or no network). Check the folder's path, or download "
             f"the repo once with network access (`hf download {name}`)."
         ) from e
-    except HFValidationError as e:
-        raise ValueError(f"pretrained={name!r} is not a valid Hub repo id: {e}") from e

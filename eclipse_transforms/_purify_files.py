@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
-from ._cache import _atomic_write
+from ._cache import atomic_write
 from ._data import ImageSet, load_image_set
 from ._dist import ranks as distributed_ranks
 from ._outputs import check_output_location, is_owned, no_space, replace_folder
@@ -142,7 +142,7 @@ def purify_files(
         if data.labels is not None:
             arrays["labels"] = data.labels.numpy()
         try:
-            _atomic_write(out, lambda f: np.savez(f, **arrays))
+            atomic_write(out, lambda f: np.savez(f, **arrays))
         except OSError as e:
             raise no_space(e, what) from e
         return out

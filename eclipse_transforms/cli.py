@@ -238,7 +238,12 @@ def _bench_epilog() -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("demo", "purify", "info", "train", "bench")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser. With ``command`` other than ``"bench"``, the bench's options (and the import of its
+    crafting code) are left out: ``demo``, ``purify``, ``info`` and ``train`` start without them."""
     parser = argparse.ArgumentParser(prog="eclipse-transforms", description=__doc__.split("\n")[0])
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
@@ -271,13 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(p)
     p.set_defaults(func=_cmd_train)
 
+    bench_help = "train classifiers on poisoned data under each defense; write table and chart"
+    if command not in (None, "bench"):
+        sub.add_parser("bench", help=bench_help)
+        return parser
     from .bench.runner import BenchConfig
 
-    p = sub.add_parser(
-        "bench",
-        help="train classifiers on poisoned data under each defense; write table and chart",
-        epilog=_bench_epilog(),
-    )
+    p = sub.add_parser("bench", help=bench_help, epilog=_bench_epilog())
     _add_config_options(p, BenchConfig, skip=("progress",))
     p.add_argument(
         "--report-only",
@@ -289,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if w in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 from torchvision.transforms.v2 import functional as F
 
 from ._images import check_channels, check_float_images, check_int
@@ -81,14 +82,13 @@ def sampling_timesteps(t_star: int, steps: int | None = None) -> list[int]:
 
 
 def _randn(n: int, shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
-    """Standard normal noise ``(n, *shape)`` in float32, drawn on the generators' devices, moved to ``device``."""
-    if generator is None:
-        return torch.randn((n, *shape), device=device)
-    if isinstance(generator, torch.Generator):
-        return torch.randn((n, *shape), generator=generator, device=generator.device).to(device)
-    if len(generator) != n:
-        raise ValueError(f"generator must be one torch.Generator or one per image ({n}), got {len(generator)}.")
-    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generator]).to(device)
+    """Standard normal noise ``(n, *shape)`` in float32 on ``device``, through diffusers' ``randn_tensor``: CPU
+    generators draw on the CPU (the same noise on any device), one generator per image draws that image's noise."""
+    if isinstance(generator, Sequence):
+        if len(generator) != n:
+            raise ValueError(f"generator must be one torch.Generator or one per image ({n}), got {len(generator)}.")
+        generator = list(generator)
+    return randn_tensor((n, *shape), generator=generator, device=torch.device(device), dtype=torch.float32)
 
 
 def check_images(x: torch.Tensor, denoiser: Denoiser, name: str, check_range: bool) -> None:

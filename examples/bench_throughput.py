@@ -25,9 +25,8 @@ from torch.utils.data import TensorDataset
 from torchvision.transforms import v2
 
 from eclipse_transforms import DEFAULT_STEPS, EclipsePurify, PurifiedDataset, load_denoiser
-from eclipse_transforms._data import load_image_set, load_indices
-from eclipse_transforms._demo import generated_images
 from eclipse_transforms.denoiser import bundled_weights_path
+from eclipse_transforms.utils import generated_images, load_image_set, load_indices
 
 
 def rate(fn, n_items: int, repeats: int = 3) -> float:

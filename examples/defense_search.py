@@ -29,27 +29,28 @@ Candidates (``--list`` prints them):
   adds ECLIPSE's per-epoch compensation.
 * ``jpeg-q20-displace-0.8`` / ``eclipse-displace-0.8``: JPEG q20 once, or ECLIPSE's purification once, then
   COIN's displacement (±0.8 px) every epoch (and, for ECLIPSE, its compensation after it).
+* ``jpeg-then-purify-t300`` / ``jpeg-then-eclipse-t300``: the same at t* = 300 (σ = 16.4/255, about JPEG q10's
+  RMS error), where the diffusion noise covers JPEG's artefacts and the denoiser may put texture back.
 * ``median3``: a 3x3 median filter, once: a one-pixel shortcut (OPS) is an outlier a median removes.
 * ``despeckle``: only the outliers: a pixel that differs from the median of its 3x3 neighbourhood by more than
   32/255 in some channel takes that median, once; everything else is left as it is.
+* ``despeckle-eclipse``: ``despeckle``, then ECLIPSE (purification once, compensation every epoch).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from eclipse_transforms.bench import Defense, register_defense, run_bench
 from eclipse_transforms.bench.defenses import DefenseContext, compensation, jpeg, purified
 from eclipse_transforms.bench.report import format_table
 from eclipse_transforms.bench.runner import BenchConfig
 from eclipse_transforms.purify import DEFAULT_STEPS
+from eclipse_transforms.utils import file_digest, quantize
 
 CANDIDATES: list[str] = []
 
@@ -83,17 +84,22 @@ candidate("jpeg-then-purify")(_jpeg_then("jpeg-then-purify", False))
 candidate("jpeg-then-eclipse")(_jpeg_then("jpeg-then-eclipse", True))
 
 
+def _jpeg_then_t300(name: str, compensate: bool):
+    def factory(context: DefenseContext) -> Defense:
+        return _jpeg_then(name, compensate)(replace(context, t_star=300))
+
+    return factory
+
+
+candidate("jpeg-then-purify-t300")(_jpeg_then_t300("jpeg-then-purify-t300", False))
+candidate("jpeg-then-eclipse-t300")(_jpeg_then_t300("jpeg-then-eclipse-t300", True))
+
+
 def random_jpeg(x: torch.Tensor, generator: torch.Generator, low: int = 10, high: int = 30) -> torch.Tensor:
     """JPEG of every float image of ``x`` (``(N, 3, H, W)`` in [0, 1]) at its own quality in [low, high]."""
     qualities = torch.randint(low, high + 1, (len(x),), generator=generator).tolist()
-    out = torch.empty_like(x)
-    for i, (img, quality) in enumerate(
-        zip(x.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy(), qualities, strict=True)
-    ):
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
-        out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1).float() / 255
-    return out
+    images = quantize(x)
+    return torch.stack([jpeg(img[None], q)[0] for img, q in zip(images, qualities, strict=True)]).float() / 255
 
 
 @candidate("random-jpeg")
@@ -205,6 +211,16 @@ def _despeckle(context: DefenseContext) -> Defense:
     return Defense("despeckle", prepare=lambda x, y: despeckle(x), options={"threshold": 32})
 
 
+@candidate("despeckle-eclipse")
+def _despeckle_eclipse(context: DefenseContext) -> Defense:
+    return Defense(
+        "despeckle-eclipse",
+        prepare=lambda x, y: purified(despeckle(x), y, context, DEFAULT_STEPS),
+        epoch_transform=compensation(),
+        options={"threshold": 32, "t_star": context.t_star, "steps": DEFAULT_STEPS, "compensation": True},
+    )
+
+
 #: Set from ``--restorer``: the folder that examples/train_restorer.py wrote.
 RESTORER: dict[str, str] = {}
 
@@ -215,7 +231,7 @@ def _jpeg_restore(name: str, compensate: bool):
 
         folder = Path(RESTORER.get("folder", ".devdata/restorer"))
         weights = folder / "restorer.safetensors"
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else "missing"
+        digest = file_digest(weights, 16) if weights.is_file() else "missing"
 
         def prepare(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return restore(load_restorer(folder), jpeg(x, 10))

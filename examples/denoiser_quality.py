@@ -26,12 +26,10 @@ from torchvision.transforms.v2 import functional as F
 
 from eclipse_transforms import Denoiser, load_denoiser
 from eclipse_transforms import functional as EF
-from eclipse_transforms._data import load_image_set
-from eclipse_transforms._images import index_generators, quantize
-from eclipse_transforms._machine import hardware_name
 from eclipse_transforms.denoiser import bundled_weights_path
 from eclipse_transforms.training.card import QUALITY_NAME, write_model_card
 from eclipse_transforms.training.config import TrainConfig
+from eclipse_transforms.utils import hardware_name, index_generators, load_image_set, quantize
 
 REPO = Path(__file__).resolve().parents[1]
 

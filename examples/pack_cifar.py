@@ -55,8 +55,8 @@ def decode(codes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def pack(data: str, tier: str, out: Path, seed: int = 0, max_part_mb: float = 45.0) -> dict:
     """Write ``out/manifest.json`` and ``out/<split>-<k>.npz`` parts; returns the manifest."""
     # Imported here: ``unpack`` runs where the library's dependencies may not be installed yet.
-    from eclipse_transforms._data import load_image_set
     from eclipse_transforms.bench.runner import TIERS, balanced_subset
+    from eclipse_transforms.utils import load_image_set
 
     if tier not in ("quick", "standard"):
         raise ValueError(

@@ -30,9 +30,8 @@ from safetensors.torch import load_file
 
 from eclipse_transforms import functional as EF
 from eclipse_transforms import load_denoiser
-from eclipse_transforms._data import load_image_set
-from eclipse_transforms._images import index_generators, quantize
 from eclipse_transforms.bench.runner import balanced_subset
+from eclipse_transforms.utils import index_generators, load_image_set, quantize
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,13 +30,13 @@ import torch.nn.functional as nnf
 from poison_residue import load_poisoned  # examples/, beside this script
 from safetensors.torch import load_file, save_file
 
-from eclipse_transforms._data import load_image_set
 from eclipse_transforms.bench.classifier import Recipe, fit_classifier
 from eclipse_transforms.bench.defenses import DefenseContext, purified
 from eclipse_transforms.bench.models import build_model
 from eclipse_transforms.bench.runner import balanced_subset
 from eclipse_transforms.dataset import default_cache_dir
 from eclipse_transforms.purify import DEFAULT_STEPS
+from eclipse_transforms.utils import load_image_set
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,8 +24,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from eclipse_transforms import CorruptionCompensation, EclipsePurify, PurifiedDataset
-from eclipse_transforms._data import load_image_set
 from eclipse_transforms.bench.poisons import get_poison, list_poisons
+from eclipse_transforms.utils import load_image_set
 
 REPO = Path(__file__).resolve().parents[1]
 

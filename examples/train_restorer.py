@@ -29,8 +29,8 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 
-from eclipse_transforms._data import load_image_set, load_indices
 from eclipse_transforms.bench.defenses import jpeg
+from eclipse_transforms.utils import load_image_set, load_indices
 
 SPARSE = Path(__file__).resolve().parents[1] / "weights" / "cifar10_sparse_indices.json"
 

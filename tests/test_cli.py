@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -86,6 +88,17 @@ def test_info_prints_the_config(tiny_folder, capsys):
     assert main(["info", "--weights", str(tiny_folder)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["t_max"] == 40 and info["scheduler"]["num_train_timesteps"] == 100 and len(info["fingerprint"]) == 64
+
+
+def test_commands_other_than_bench_do_not_load_the_bench(tiny_folder):
+    code = (
+        "import sys\n"
+        "from eclipse_transforms.cli import main\n"
+        f"main(['info', '--weights', {str(tiny_folder)!r}])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('eclipse_transforms.bench')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 def test_train_command(tmp_path):

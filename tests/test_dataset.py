@@ -402,7 +402,7 @@ def test_a_full_disk_names_the_cache(purify, tmp_path, monkeypatch):
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache, "_atomic_write", full)
+    monkeypatch.setattr(cache, "atomic_write", full)
     with pytest.raises(OSError, match="no space left on the device while writing shard 0 of the cache"):
         build(purify, tmp_path)
 

@@ -142,7 +142,13 @@ def test_missing_scheduler_config(tiny_folder, tmp_path):
 
 @pytest.mark.parametrize(
     ("arg", "match"),
-    [("not/a/repo/id", "neither an existing folder nor a Hub repo id"), ("./missing", "neither an existing folder")],
+    [
+        ("not/a/repo/id", "neither an existing folder nor a valid Hub repo id .*'namespace/repo_name'"),
+        ("./missing", "neither an existing folder"),
+        ("owner/bad name", "neither an existing folder nor a valid Hub repo id .*alphanumeric"),
+        ("owner--x/name", "neither an existing folder nor a valid Hub repo id .*--"),
+        ("just-a-name", "neither an existing folder nor a Hub repo id of the form 'owner/name'"),
+    ],
 )
 def test_bad_pretrained_strings(arg, match):
     with pytest.raises(ValueError, match=match):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
-from .._images import derive_seed, keeps_global_rng
+from ..utils import derive_seed, keeps_global_rng
 from .crafting import CraftState, digest, uniform_like
 from .models import build_model
 

@@ -15,7 +15,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
-from .._cache import ShardStore, _atomic_write, _atomic_write_json
-from .._images import derive_seed
 from ..denoiser import dtype_name
+from ..utils import ShardStore, atomic_write, atomic_write_json, derive_seed, keeps_global_rng
 from .models import build_model
 
 logger = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ class CraftState:
     def report(self, report: dict[str, Any]) -> None:
         """Write ``report.json`` (what the run did: rounds, convergence, settings) beside the checkpoint."""
         if self.path is not None:
-            _atomic_write_json(self.path.parent / "report.json", report)
+            atomic_write_json(self.path.parent / "report.json", report)
 
     def save(self, state: dict[str, Any]) -> None:
         if self.path is None:
@@ -117,7 +116,7 @@ class CraftState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save({**state, "meta": self.meta}, buf)
-        _atomic_write(self.path, buf.getvalue())
+        atomic_write(self.path, buf.getvalue())
 
 
 def digest(*parts: Any) -> str:
@@ -158,12 +157,14 @@ def freeze(model: torch.nn.Module, frozen: bool = True) -> torch.nn.Module:
     return model
 
 
+@keeps_global_rng
 def surrogate(
     widths: tuple[int, ...], num_classes: int, seed: int, device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
     """The bench's compact classifier as the crafting surrogate (so poisons hit the bench at full strength).
 
-    Initialised on the CPU, then moved to ``device``: the same weights wherever it runs."""
+    Initialised on the CPU, then moved to ``device``: the same weights wherever it runs. The caller's global random
+    stream is left as it was."""
     torch.manual_seed(derive_seed("surrogate", seed))
     return build_model("compact", widths, num_classes).to(device)
 
@@ -243,25 +244,19 @@ def recalibrate_bn(
     statistics are replaced by exact averages (``momentum=None``) over ``num_batches`` random batches of
     ``x + δ`` (through ``view`` if given); the weights are untouched.
     """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms or num_batches < 1:
+    if num_batches < 1:
         model.eval()
         return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: every batch counts equally
-    model.train()
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=g)[: num_batches * batch_size].to(images.device)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        x = perturbed(images[idx], delta[idx])
-        if view is not None:
-            x = view(x, g)
-        model(x.contiguous(memory_format=torch.channels_last))
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
+
+    def batches() -> Iterator[torch.Tensor]:
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            x = perturbed(images[idx], delta[idx])
+            yield (x if view is None else view(x, g)).contiguous(memory_format=torch.channels_last)
+
+    torch.optim.swa_utils.update_bn(batches(), model)  # exact averages (momentum=None), momenta restored after
     model.eval()
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
-from .._images import derive_seed, quantize
+from ..utils import derive_seed, quantize
 from .crafting import (
     CraftingConfig,
     CraftState,
@@ -55,7 +55,7 @@ from .crafting import (
     train_batches,
     uniform_like,
 )
-from .poisons import _check, _num_classes, register_poison
+from .poisons import check_poison_inputs, num_classes, register_poison
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +139,11 @@ def min_min(
 
     The images, ``δ`` and the surrogate live on ``device`` (random numbers are drawn on the CPU, so the streams are
     the same everywhere); checkpoints are read back onto it, so a run may resume on another device."""
-    images, labels = _check(images, labels)
+    images, labels = check_poison_inputs(images, labels)
     meta = crafting_meta(name, seed, config, images, labels, **(extra or {}))
     store = CraftState(work_dir, meta)
     images, labels = images.to(device), labels.to(device)
-    model = surrogate(config.widths, _num_classes(labels), seed, device)
+    model = surrogate(config.widths, num_classes(labels), seed, device)
     opt = sgd(model, config.lr)
     state = store.load()
     if state is None:

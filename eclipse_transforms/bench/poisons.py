@@ -19,10 +19,21 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as nnf
 
-from .._images import quantize
+from ..utils import quantize
 from ._registry import Registry
 
-__all__ = ["register_poison", "list_poisons", "get_poison", "urp", "lsp", "ar", "ops", "cuda"]
+__all__ = [
+    "register_poison",
+    "list_poisons",
+    "get_poison",
+    "check_poison_inputs",
+    "num_classes",
+    "urp",
+    "lsp",
+    "ar",
+    "ops",
+    "cuda",
+]
 
 PoisonFn = Callable[..., torch.Tensor]
 _POISONS: Registry[PoisonFn] = Registry("poison")
@@ -41,7 +52,16 @@ def get_poison(name: str) -> PoisonFn:
     return _POISONS.get(name)
 
 
-def _check(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def check_poison_inputs(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every poison checks first: uint8 ``(N, 3, H, W)`` images and ``N`` non-negative integer labels.
+
+    Returns the images and the labels as int64; float labels are accepted only when they are whole numbers (a
+    label is never truncated). A poison written for :func:`register_poison` calls this before anything else.
+
+        >>> images, labels = check_poison_inputs(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), [1.0, 0.0])
+        >>> labels
+        tensor([1, 0])
+    """
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise TypeError("images must be a uint8 tensor of shape (N, 3, H, W).")
     labels = torch.as_tensor(labels)
@@ -57,13 +77,14 @@ def _check(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     return images, labels
 
 
-def _num_classes(labels: torch.Tensor) -> int:
+def num_classes(labels: torch.Tensor) -> int:
+    """Classes a poison makes patterns for: the largest label + 1 (0 for no labels)."""
     return int(labels.max()) + 1 if len(labels) else 0
 
 
 def _class_indices(labels: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """``(class, indices of its images in order)`` for every class that has images."""
-    for cls in range(_num_classes(labels)):
+    for cls in range(num_classes(labels)):
         idx = torch.nonzero(labels == cls).flatten()
         if len(idx):
             yield cls, idx
@@ -88,9 +109,9 @@ def urp(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epsilon: f
         seed: seed of the class patterns.
         epsilon: L∞ budget (default 8/255).
     """
-    images, labels = _check(images, labels)
+    images, labels = check_poison_inputs(images, labels)
     g = torch.Generator().manual_seed(seed)
-    patterns = (torch.rand((_num_classes(labels), *images.shape[1:]), generator=g) * 2 - 1) * epsilon
+    patterns = (torch.rand((num_classes(labels), *images.shape[1:]), generator=g) * 2 - 1) * epsilon
     return _apply(images, patterns[labels])
 
 
@@ -137,13 +158,13 @@ def lsp(
         class_sep: separation of the class clusters.
         l2: per-image L2 norm of the perturbation; default ``(6/255)·sqrt(3·H·W)``.
     """
-    images, labels = _check(images, labels)
+    images, labels = check_poison_inputs(images, labels)
     n, c, h, w = images.shape
     if h % patch or w % patch:
         raise ValueError(f"patch must divide the image size {h}x{w}, got {patch}.")
     l2 = (6 / 255) * (c * h * w) ** 0.5 if l2 is None else l2
     g = torch.Generator().manual_seed(seed)
-    counts = [int((labels == cls).sum()) for cls in range(_num_classes(labels))]
+    counts = [int((labels == cls).sum()) for cls in range(num_classes(labels))]
     points = _linearly_separable_points(counts, c * (h // patch) * (w // patch), class_sep, g)
     delta = torch.empty((n, c, h, w), dtype=torch.float64)
     for cls, idx in _class_indices(labels):  # the k-th image of the class gets the k-th point
@@ -223,10 +244,10 @@ def ar(
     ``H x W`` kept, scaled to L2 = ``l2`` (1.0, not an L∞ 8/255 budget). The recursion runs batched over all
     images of a class.
     """
-    images, labels = _check(images, labels)
+    images, labels = check_poison_inputs(images, labels)
     n, c, h, w = images.shape
     g = torch.Generator().manual_seed(seed)
-    coeffs = _ar_coefficients(_num_classes(labels), g, min_response, (h + 4, w + 4))
+    coeffs = _ar_coefficients(num_classes(labels), g, min_response, (h + 4, w + 4))
     delta = torch.empty((n, c, h, w))
     for cls, idx in _class_indices(labels):
         x = _ar_fill(coeffs[cls], torch.randn((len(idx), 3, h + 4, w + 4), generator=g))[:, :, 4:, 4:]
@@ -242,7 +263,7 @@ def ops(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> torch.T
     the class's images and channels; the best pair not taken by an earlier class is written into every image of
     the class. Deterministic given the data (``seed`` is unused and accepted for a uniform interface). L0 = 1 pixel.
     """
-    images, labels = _check(images, labels)
+    images, labels = check_poison_inputs(images, labels)
     n, c, h, w = images.shape
     corners = torch.tensor([[(i >> 2) & 1, (i >> 1) & 1, i & 1] for i in range(8)], dtype=torch.float32)
     out = images.clone()
@@ -272,9 +293,9 @@ def cuda(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, blur: flo
     Per class a 3x3 kernel with weights ``U(0, blur)`` and one random tap set to 1.0, applied depthwise (the same
     kernel on every channel, zero padding); each image is then divided by its own maximum.
     """
-    images, labels = _check(images, labels)
+    images, labels = check_poison_inputs(images, labels)
     g = torch.Generator().manual_seed(seed)
-    k = _num_classes(labels)
+    k = num_classes(labels)
     kernels = torch.rand((k, 3, 3), generator=g) * blur
     taps = torch.randint(0, 9, (k,), generator=g)
     kernels.view(k, 9)[torch.arange(k), taps] = 1.0

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
-from .._images import derive_seed, quantize
+from ..utils import derive_seed, quantize
 from .classifier import random_crop_flip
 from .crafting import (
     CraftingConfig,
@@ -36,7 +36,7 @@ from .crafting import (
     uniform_like,
     work_root,
 )
-from .poisons import _check, _num_classes, register_poison
+from .poisons import check_poison_inputs, num_classes, register_poison
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +123,10 @@ def rem(
     Returns:
         uint8 poisoned images ``(N, 3, H, W)``.
     """
-    images, labels = _check(images, labels)
+    images, labels = check_poison_inputs(images, labels)
     meta = crafting_meta("rem", seed, config, images, labels)
     store = CraftState(work_dir, meta)
-    model = surrogate(config.widths, _num_classes(labels), seed, device)
+    model = surrogate(config.widths, num_classes(labels), seed, device)
     opt = sgd(model, config.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, config.lr_decay_steps, 0.1)
     state = store.load() or {"step": 0}

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .._cache import _atomic_write
+from ..utils import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def write_table(results: dict[str, Any], path: Path) -> None:
-    _atomic_write(Path(path), format_table(results).encode())
+    atomic_write(Path(path), format_table(results).encode())
 
 
 def write_chart(results: dict[str, Any], path: Path) -> bool:
@@ -95,5 +95,5 @@ def write_chart(results: dict[str, Any], path: Path) -> bool:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    _atomic_write(Path(path), buf.getvalue())
+    atomic_write(Path(path), buf.getvalue())
     return True

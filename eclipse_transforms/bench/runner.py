@@ -34,12 +34,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from .._cache import _atomic_write, _atomic_write_json
-from .._data import load_image_set, load_indices
-from .._machine import hardware_name
-from .._version import __version__
+from .. import __version__
 from ..dataset import default_cache_dir
 from ..denoiser import bundled_weights_path, dtype_name
+from ..utils import atomic_write, atomic_write_json, hardware_name, load_image_set, load_indices
 from .classifier import Recipe, train_classifier
 from .crafting import digest
 from .defenses import DefenseContext, get_defense, list_defenses
@@ -259,7 +257,7 @@ class _Run:
         images = fn(self.images, self.labels, seed=self.config.seed, **options)
         seconds = time.perf_counter() - start
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, save({"images": images.contiguous()}, metadata={"poison": poison, "version": __version__}))
+        atomic_write(path, save({"images": images.contiguous()}, metadata={"poison": poison, "version": __version__}))
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
         return images, seconds, report
 
@@ -358,7 +356,7 @@ class _Run:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         self._set_aside(path, key)
-        _atomic_write_json(path, cell)
+        atomic_write_json(path, cell)
         shutil.rmtree(work, ignore_errors=True)
         logger.info("%s / %s: test accuracy %.4f", poison, defense_name, cell["test_accuracy"])
         return cell
@@ -420,7 +418,7 @@ def _publish(run: _Run, config: BenchConfig, *, merge: bool) -> dict[str, Any]:
     layout = _layout(config, run.out) if merge else config
     # the table's settings; not ``progress``, a run-time option that would flip the files with --no-progress
     settings = {k: v for k, v in layout.to_dict().items() if k != "progress"}
-    _atomic_write_json(run.out / "bench_config.json", settings)
+    atomic_write_json(run.out / "bench_config.json", settings)
     results: dict[str, Any] = {
         "config": settings,
         "tier": {"name": layout.tier, "about": TIERS[layout.tier].about},
@@ -440,6 +438,6 @@ def _publish(run: _Run, config: BenchConfig, *, merge: bool) -> dict[str, Any]:
 
 
 def _write_outputs(results: dict[str, Any], out: Path) -> None:
-    _atomic_write_json(out / "results.json", results)
+    atomic_write_json(out / "results.json", results)
     write_table(results, out / "table.md")
     write_chart(results, out / "chart.png")

@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as nnf
 from safetensors.torch import load_file, save, save_file
 
-from .._cache import _atomic_write
-from .._images import derive_seed, quantize
+from ..utils import atomic_write, derive_seed, quantize
 from .classifier import Recipe, fit_classifier
 from .crafting import CraftingConfig, craft_in_shards, crafting_meta, digest, freeze, precision, work_root
 from .models import build_model
-from .poisons import _check, _num_classes, register_poison
+from .poisons import check_poison_inputs, num_classes, register_poison
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def _snapshots(
                 }
                 if work is not None:
                     work.mkdir(parents=True, exist_ok=True)
-                    _atomic_write(work / f"epoch-{epoch}.safetensors", save(states[epoch]))
+                    atomic_write(work / f"epoch-{epoch}.safetensors", save(states[epoch]))
 
         fit_classifier(
             images,
@@ -141,8 +140,8 @@ def sep(
     Returns:
         uint8 poisoned images ``(N, 3, H, W)``.
     """
-    images, labels = _check(images, labels)
-    k = _num_classes(labels)
+    images, labels = check_poison_inputs(images, labels)
+    k = num_classes(labels)
     meta = crafting_meta("sep", seed, config, images, labels)
     root = work_root(work_dir)
     models = _snapshots(

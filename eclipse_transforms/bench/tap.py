@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as nnf
 from safetensors.torch import load_file, save_file
 
-from .._images import derive_seed, quantize
+from ..utils import derive_seed, quantize
 from .classifier import Recipe, fit_classifier, random_crop_flip
 from .crafting import (
     CraftingConfig,
@@ -37,7 +37,7 @@ from .crafting import (
     work_root,
 )
 from .models import build_model
-from .poisons import _check, _num_classes, register_poison
+from .poisons import check_poison_inputs, num_classes, register_poison
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +140,8 @@ def tap(
     Returns:
         uint8 poisoned images ``(N, 3, H, W)``.
     """
-    images, labels = _check(images, labels)
-    k = _num_classes(labels)
+    images, labels = check_poison_inputs(images, labels)
+    k = num_classes(labels)
     meta = crafting_meta("tap", seed, config, images, labels)
     root = work_root(work_dir)
     # The surrogate's file name carries the settings, so a changed config never reuses a stale surrogate.

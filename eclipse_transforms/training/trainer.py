@@ -237,11 +237,18 @@ def train(
         root.mkdir(parents=True, exist_ok=True)
         (root / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
+    from diffusers.training_utils import EMAModel  # heavy (imports the pipelines): only when training
+
     torch.manual_seed(config.seed)
     net = build_unet(config, images.shape[-1]).to(device)
     ema = build_unet(config, images.shape[-1]).to(device).requires_grad_(False)
     ema.load_state_dict(net.state_dict())
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
+
+    def warm_up(step: int) -> float:  # linear warm-up to config.lr, then constant
+        return min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warm_up)
     scheduler = build_scheduler(config)
     state = {"step": 0, "seconds": 0.0, "runs": [], "holdout_loss": None}
     if latest is not None:
@@ -249,7 +256,14 @@ def train(
         ema.load_state_dict(load_file(latest / "ema.safetensors", device=str(device)))
         optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((latest / STATE_NAME).read_text())
+        lr_schedule.last_epoch = state["step"]  # the schedule is a function of the step alone
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * warm_up(state["step"])
         logger.info("resumed from %s (step %d)", latest, state["step"])
+    # diffusers' EMA (decay (1 + n) / (10 + n) up to config.ema_decay) holds the average; ``ema`` receives it for
+    # the holdout loss, the checkpoints and the export.
+    averager = EMAModel(ema.parameters(), decay=config.ema_decay)
+    averager.optimization_step = state["step"]
 
     # Under torchrun, DDP averages the ranks' gradients: each rank takes its slice of the step's global batch, so a
     # step is the same step as on the whole batch in one process (dropout masks aside: each rank draws its own).
@@ -274,6 +288,7 @@ def train(
     def checkpoint() -> None:
         if rank != 0:  # one writer; the ranks hold the same weights
             return
+        averager.copy_to(ema.parameters())
         elapsed = time.perf_counter() - run_start
         run_info.update(end_step=step, seconds=round(elapsed, 1))
         state.update(step=step, seconds=round(state["seconds"] + (time.perf_counter() - checkpoint.t0), 1))
@@ -300,18 +315,14 @@ def train(
         if ranks is not None:
             x, t, noise = (v.chunk(world_size)[rank] for v in (x, t, noise))
         torch.manual_seed(derive_seed(config.seed, "dropout", step, *([rank] if ranks is not None else [])))
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             pred = model(scheduler.add_noise(x, noise, t), t).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), net.parameters(), strict=True):
-                e.lerp_(p, 1 - decay)
+        lr_schedule.step()
+        averager.step(net.parameters())
         step += 1
         loss_value = loss.item()
         checkpoint.losses.append(loss_value)
@@ -336,6 +347,7 @@ def train(
     if step == start_step and latest is None:
         checkpoint()
     if rank == 0 and holdout is None:
+        averager.copy_to(ema.parameters())
         export(root, ema, scheduler, config, state, indices)
     elif rank == 0:  # the weights are the best checkpoint's; refresh the card with the whole run's history
         (root / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
