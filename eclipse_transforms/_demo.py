@@ -113,6 +113,6 @@ def run_demo(
         "poison L2 per image": f"{poison_l2:.3f}",
         "poison residue L2 after purification": f"{residue_l2:.3f} ({100 * residue_l2 / poison_l2:.1f}% of the poison)",
         "purification speed": f"{len(clean) / seconds:.1f} images/s on {purify.denoiser.device} (one warm batch of "
-        f"{len(clean)}; larger batches are faster, see examples/bench_throughput.py)",
+        f"{len(clean)}; larger batches are faster, see benchmarks/bench_throughput.py)",
         "grid (rows: clean, poisoned, poison x16, purified, residue x16, compensated)": str(path),
     }

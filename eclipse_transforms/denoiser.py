@@ -68,7 +68,7 @@ class Denoiser(nn.Module):
         t_max = T if t_max is None else int(t_max)
         if not 1 <= t_max <= T:
             raise ValueError(f"t_max must be in [1, {T}] (the scheduler's num_train_timesteps), got {t_max}.")
-        # channels_last: 1.3-1.7x faster convolutions on CPU (measured by examples/bench_throughput.py) and GPU.
+        # channels_last: 1.3-1.7x faster convolutions on CPU (measured by benchmarks/bench_throughput.py) and GPU.
         self.unet = unet.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.scheduler = scheduler
         self.t_max = t_max
@@ -126,7 +126,7 @@ class Denoiser(nn.Module):
         return out
 
     #: On CPU the UNet runs over sub-batches of this many images: for 32x32 images the activations of a 32-image
-    #: chunk stay in cache, which is about 2x faster per image than one 256-image call (examples/bench_throughput.py).
+    #: chunk stay in cache, which is about 2x faster per image than one 256-image call (benchmarks/bench_throughput.py).
     cpu_micro_batch: int | None = 32
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
@@ -295,7 +295,7 @@ def load_denoiser(
         dtype: the UNet's compute precision: ``torch.float32`` (default), ``torch.bfloat16`` or ``torch.float16``
             (or their names). Lower precision is faster where the hardware has it (bfloat16 on CPUs with
             AVX512-BF16 or AMX, both on GPUs); bfloat16 moved the bundled weights' purified CIFAR-10 images by at
-            most one 8-bit level (``examples/bench_throughput.py``). The scheduler's arithmetic stays in float32.
+            most one 8-bit level (``benchmarks/bench_throughput.py``). The scheduler's arithmetic stays in float32.
             The dtype is part of :attr:`Denoiser.fingerprint`, so cached purifications of different precisions
             never mix.
         cache_dir: Hub cache folder. Default: huggingface_hub's (``HF_HOME`` / ``HF_HUB_CACHE``).

@@ -16,7 +16,7 @@ from .noise import ForwardDiffusion
 __all__ = ["EclipsePurify", "DEFAULT_STEPS"]
 
 # Reverse steps of the default setting. The paper's sampler is steps=None (t_star ancestral steps). Four respaced
-# ancestral steps leave as much of a perturbation as the paper's 100 (examples/poison_residue.py: 47.2 % vs
+# ancestral steps leave as much of a perturbation as the paper's 100 (benchmarks/poison_residue.py: 47.2 % vs
 # 46.8 % of uniform 8/255 noise, 91.3 % vs 91.3 % of 8x8-patch noise) at 27x its speed; see docs/poisons.md.
 DEFAULT_STEPS = 4
 

@@ -73,7 +73,11 @@ def _private_imports(path: Path) -> list[str]:
 
 
 def test_the_bench_and_the_scripts_import_only_public_names():
-    files = sorted((PACKAGE / "bench").glob("*.py")) + sorted((REPO / "examples").glob("*.py"))
+    files = [
+        p
+        for folder in (PACKAGE / "bench", REPO / "examples", REPO / "benchmarks")
+        for p in sorted(folder.glob("*.py"))
+    ]
     assert len(files) > 10
     offenders = [hit for path in files if path.name != "__init__.py" for hit in _private_imports(path)]
     assert offenders == [], "use eclipse_transforms.utils (or make the name public):\n" + "\n".join(offenders)

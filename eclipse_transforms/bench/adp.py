@@ -7,7 +7,7 @@ noise each step (expectation over the defense's randomness, one sample per step)
 
 Ours, recorded in :class:`ADPConfig` and the report: the purifier inside the loop runs ``purifier_steps``
 reverse steps (default 1, the one-step ``x_0`` estimate, whose output matches the 4-step default's within 0.4
-points of poison residue, examples/poison_residue.py) because every step multiplies the cost of backpropagating
+points of poison residue, benchmarks/poison_residue.py) because every step multiplies the cost of backpropagating
 through the UNet; the EM settings default to a reduced budget (``pgd_steps``, ``max_rounds``) for the same
 reason. The crafted noise is then evaluated against the *full* defense by the bench.
 """
@@ -40,7 +40,7 @@ class ADPConfig:
     purifier_steps: int = 1  # ours: the defense uses 4; 1 keeps the UNet backward affordable
     # The attacker's UNet precision. "bfloat16" was ~2x faster on one AMD EPYC with AVX512-BF16, no faster per signed
     # step on another (family 26) and 0.55x on an Intel Xeon with it (no AMX): time both with
-    # examples/bench_poisons.py --crafting --poisons adp before a long run.
+    # benchmarks/bench_poisons.py --crafting --poisons adp before a long run.
     dtype: str = "float32"
     p_gray: float = 0.4
     sigma: float = 0.05

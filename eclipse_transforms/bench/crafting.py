@@ -54,7 +54,7 @@ class CraftingConfig:
 
     ``dtype`` (ours, default ``"float32"``): ``"bfloat16"`` (or ``"float16"``) runs the surrogate's arithmetic under
     :func:`torch.autocast` while crafting, with losses, ``δ`` and the weights in float32. Whether that is faster
-    depends on the CPU (``examples/bench_poisons.py --crafting``, 2 threads): 1.5-2.3x on an AMD EPYC with
+    depends on the CPU (``benchmarks/bench_poisons.py --crafting``, 2 threads): 1.5-2.3x on an AMD EPYC with
     AVX512-BF16 (EM 2.27, TAP 1.67, SEP 1.99, REM 1.47), 0.8-1.2x on an Intel Xeon with AVX512-BF16 and no AMX
     (EM 0.82, TAP 1.00, SEP 1.20, REM 0.78). It is a different poison (another ``δ``), so it enters the keys, but
     only when not float32: every float32 result keeps the key it had before the setting existed.

@@ -16,10 +16,10 @@ QUALITY_NAME = "quality.json"
 def _quality_section(root: Path) -> str:
     path = root / QUALITY_NAME
     if not path.is_file():
-        return "Not measured yet: run `python examples/denoiser_quality.py` and re-export the card.\n"
+        return "Not measured yet: run `python benchmarks/denoiser_quality.py` and re-export the card.\n"
     q = json.loads(path.read_text())
     lines = [
-        f"Measured by `{q.get('command', 'examples/denoiser_quality.py')}` on {q.get('num_images')} held-out images "
+        f"Measured by `{q.get('command', 'benchmarks/denoiser_quality.py')}` on {q.get('num_images')} held-out images "
         f"(not in the sparse set), t* = {q.get('t_star')}, hardware: {q.get('hardware')}.",
         "",
         "| setting | PSNR vs clean (dB) | images/s (batch " + str(q.get("batch_size")) + ") |",

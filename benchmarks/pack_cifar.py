@@ -10,8 +10,8 @@ run the bench there with ``--tier quick --subset 0`` and its data key, hence eve
 same as the run here. ``--tier standard`` packs all 50,000 (about 90 MB: two parts, for two uploads). The test
 split is always packed whole, since the bench drops the denoiser's sparse set from it itself.
 
-    python examples/pack_cifar.py pack --data ../shared/data/cifar10/cifar10.npz --tier quick --out .devpack
-    python examples/pack_cifar.py unpack .devpack --out /tmp/cifar10.npz   # on the other machine
+    python benchmarks/pack_cifar.py pack --data ../shared/data/cifar10/cifar10.npz --tier quick --out .devpack
+    python benchmarks/pack_cifar.py unpack .devpack --out /tmp/cifar10.npz   # on the other machine
 """
 
 from __future__ import annotations
@@ -52,8 +52,12 @@ def decode(codes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.stack(images)
 
 
-def pack(data: str, tier: str, out: Path, seed: int = 0, max_part_mb: float = 45.0) -> dict:
-    """Write ``out/manifest.json`` and ``out/<split>-<k>.npz`` parts; returns the manifest."""
+def pack(
+    data: str, tier: str, out: Path, seed: int = 0, max_part_mb: float = 45.0, subset: int | None = None
+) -> dict:
+    """Write ``out/manifest.json`` and ``out/<split>-<k>.npz`` parts; returns the manifest.
+
+    ``subset`` replaces the tier's training-subset size (as the bench's ``--subset`` does)."""
     # Imported here: ``unpack`` runs where the library's dependencies may not be installed yet.
     from eclipse_transforms.bench.runner import TIERS, balanced_subset
     from eclipse_transforms.utils import load_image_set
@@ -68,7 +72,7 @@ def pack(data: str, tier: str, out: Path, seed: int = 0, max_part_mb: float = 45
         s = load_image_set(data, split=split)
         images, labels = s.images, s.labels
         if split == "train":
-            idx = balanced_subset(labels, TIERS[tier].subset, seed)
+            idx = balanced_subset(labels, TIERS[tier].subset if subset is None else subset, seed)
             images, labels = images[idx], labels[idx]
         hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
         codes, offsets = encode(hwc)
@@ -120,6 +124,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="CIFAR-10 .npz or torchvision root")
     p.add_argument("--tier", default="quick", help="quick (its 10,000-image subset) or standard (all 50,000)")
     p.add_argument("--seed", type=int, default=0, help="the bench's seed (picks the quick subset)")
+    p.add_argument("--subset", type=int, default=None, help="training images to pack (default: the tier's)")
     p.add_argument("--max-part-mb", type=float, default=45.0, help="largest part, MiB of codes")
     p.add_argument("--out", required=True, type=Path)
     u = sub.add_parser("unpack", help="decode a packed folder into the bench's .npz")
@@ -127,7 +132,7 @@ def main() -> None:
     u.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     if args.command == "pack":
-        manifest = pack(args.data, args.tier, args.out, args.seed, args.max_part_mb)
+        manifest = pack(args.data, args.tier, args.out, args.seed, args.max_part_mb, args.subset)
         size = sum((args.out / n).stat().st_size for s in manifest["splits"].values() for n in s["parts"])
         counts = ", ".join(f"{split}: {info['images']} images" for split, info in manifest["splits"].items())
         print(f"packed {counts} into {args.out} ({size / 2**20:.1f} MiB)")

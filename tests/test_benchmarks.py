@@ -1,7 +1,6 @@
-"""The analysis helpers of ``examples/poison_transfer.py`` (the scripts themselves need CIFAR-10 and hours)."""
+"""The analysis helpers the benchmark scripts share, and ``benchmarks/pack_cifar.py`` run as a user runs it."""
 
-import dataclasses
-import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,19 +9,15 @@ import pytest
 import torch
 
 from eclipse_transforms.bench import runner
+from eclipse_transforms.bench.analysis import disjoint_subset, linear_probe
 
-_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(_EXAMPLES))  # as when the script runs: it imports its sibling poison_residue.py
-_PATH = _EXAMPLES / "poison_transfer.py"
-_spec = importlib.util.spec_from_file_location("poison_transfer", _PATH)
-transfer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(transfer)
+PACK = Path(__file__).resolve().parents[1] / "benchmarks" / "pack_cifar.py"
 
 
 def test_disjoint_subset_is_balanced_and_avoids_the_excluded():
     labels = torch.arange(200) % 4
     exclude = np.arange(0, 200, 3)
-    picked = transfer.disjoint_subset(labels, exclude, 40, seed=1).numpy()
+    picked = disjoint_subset(labels, exclude, 40, seed=1).numpy()
     assert len(picked) == 40 and len(set(picked)) == 40 and (np.diff(picked) > 0).all()
     assert not set(picked) & set(exclude)
     assert np.bincount(labels.numpy()[picked], minlength=4).tolist() == [10] * 4
@@ -33,38 +28,45 @@ def test_linear_probe_reads_a_planted_class_pattern_and_not_noise():
     labels = torch.arange(400) % 4
     noise = torch.randn(400, 3, 4, 4, generator=g)
     patterns = torch.randn(4, 3, 4, 4, generator=g)
-    assert transfer.linear_probe(noise + patterns[labels], labels) > 0.95
-    assert transfer.linear_probe(noise, labels) < 0.45  # chance is 0.25 on 200 held-out points
+    assert linear_probe(noise + patterns[labels], labels) > 0.95
+    assert linear_probe(noise, labels) < 0.45  # chance is 0.25 on 200 held-out points
 
 
-_pack_spec = importlib.util.spec_from_file_location("pack_cifar", _EXAMPLES / "pack_cifar.py")
-pack_cifar = importlib.util.module_from_spec(_pack_spec)
-_pack_spec.loader.exec_module(pack_cifar)
+def _pack_cifar(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PACK), *args], capture_output=True, text=True)
 
 
-def test_pack_cifar_round_trip_keeps_the_bench_data_key(tmp_path, monkeypatch):
+def test_pack_cifar_round_trip_keeps_the_bench_data_key(tmp_path):
     rng = np.random.default_rng(0)
     x_train = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     x_test = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     y_train, y_test = np.arange(40) % 4, np.arange(8) % 4
     source = tmp_path / "cifar.npz"
     np.savez(source, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    monkeypatch.setitem(runner.TIERS, "quick", dataclasses.replace(runner.TIERS["quick"], subset=20))
-    manifest = pack_cifar.pack(str(source), "quick", tmp_path / "pack", max_part_mb=0.02)  # ~20 kB parts
-    assert manifest["splits"]["train"]["images"] == 20 and len(manifest["splits"]["train"]["parts"]) > 1
-    pack_cifar.unpack(tmp_path / "pack", tmp_path / "unpacked.npz")
+    pack = tmp_path / "pack"
+    done = _pack_cifar("pack", "--data", str(source), "--subset", "20", "--max-part-mb", "0.02", "--out", str(pack))
+    assert done.returncode == 0, done.stderr
+    assert len(list(pack.glob("train-*.npz"))) > 1  # ~20 kB parts
+    assert _pack_cifar("unpack", str(pack), "--out", str(tmp_path / "unpacked.npz")).returncode == 0
     with np.load(tmp_path / "unpacked.npz") as d:
         picked = runner.balanced_subset(torch.from_numpy(y_train), 20, 0).numpy()
         assert np.array_equal(d["x_train"], x_train[picked]) and np.array_equal(d["y_train"], y_train[picked])
         assert np.array_equal(d["x_test"], x_test) and np.array_equal(d["y_test"], y_test)
-    here = runner._Run(runner.BenchConfig(data=str(source), tier="quick", progress=False))
+    here = runner._Run(runner.BenchConfig(data=str(source), tier="quick", subset=20, progress=False))
     there = runner._Run(runner.BenchConfig(data=str(tmp_path / "unpacked.npz"), tier="quick", subset=0))
     assert here.data_key == there.data_key  # so every cache and cell key matches too
-    part = tmp_path / "pack" / manifest["splits"]["test"]["parts"][0]
+    part = sorted(pack.glob("test-*.npz"))[0]
     with np.load(part) as p:
         codes, offsets = p["codes"].copy(), p["offsets"]
     codes[offsets[1] - 40 : offsets[1] - 20] ^= 1  # damage one image's pixels, keep its container readable
     np.savez(part, codes=codes, offsets=offsets)
-    with pytest.raises((ValueError, OSError)):
-        pack_cifar.unpack(tmp_path / "pack", tmp_path / "again.npz")
+    failed = _pack_cifar("unpack", str(pack), "--out", str(tmp_path / "again.npz"))
+    assert failed.returncode != 0 and ("sha256" in failed.stderr or "Error" in failed.stderr)
     assert not (tmp_path / "again.npz").exists()
+
+
+@pytest.mark.slow  # each script imports torch: ~5 s apiece
+@pytest.mark.parametrize("script", sorted(p.name for p in PACK.parent.glob("*.py")))
+def test_every_benchmark_script_explains_itself(script):
+    done = subprocess.run([sys.executable, str(PACK.parent / script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr

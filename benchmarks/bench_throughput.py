@@ -8,9 +8,9 @@ Prints, in one run:
 - PurifiedDataset.__getitem__ items/s (cached purified image + compensation + crop/flip) against a plain in-memory
   TensorDataset of the same uint8 images with the same crop/flip, both read in the same process.
 
-    python examples/bench_throughput.py                 # bundled weights, generated images
-    python examples/bench_throughput.py --weights runs/my-ddpm --device cuda --dtypes float16,bfloat16
-    python examples/bench_throughput.py --only-precision --data ../shared/data/cifar10/cifar10.npz
+    python benchmarks/bench_throughput.py                 # bundled weights, generated images
+    python benchmarks/bench_throughput.py --weights runs/my-ddpm --device cuda --dtypes float16,bfloat16
+    python benchmarks/bench_throughput.py --only-precision --data ../shared/data/cifar10/cifar10.npz
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ Prints, in one run:
   attacker's copy of the denoiser), best of ``--repeats`` alternating runs, with the speed-up over float32
   measured in the same run and how many pixels of the two outputs agree.
 
-    python examples/bench_poisons.py --num-images 50000
-    python examples/bench_poisons.py --skip-model-free --crafting --dtypes bfloat16
-    python examples/bench_poisons.py --skip-model-free --crafting --poisons adp --crafting-images 256
+    python benchmarks/bench_poisons.py --num-images 50000
+    python benchmarks/bench_poisons.py --skip-model-free --crafting --dtypes bfloat16
+    python benchmarks/bench_poisons.py --skip-model-free --crafting --poisons adp --crafting-images 256
 """
 
 from __future__ import annotations

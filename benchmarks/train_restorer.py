@@ -5,9 +5,9 @@ defender knows the degradation, so training pairs (JPEG(x), x) cost nothing but 
 ECLIPSE's denoiser already uses (the 2,000 CIFAR-10 *test* images of ``weights/cifar10_sparse_indices.json``,
 which the bench leaves out of its test set). Whatever the poison was, JPEG has already broken it before the
 restorer sees the image; the restorer, trained on clean images only, can give back what JPEG took from clean
-content. ``examples/defense_search.py`` evaluates it as the candidate ``jpeg-restore``.
+content. ``benchmarks/defense_search.py`` evaluates it as the candidate ``jpeg-restore``.
 
-    python examples/train_restorer.py --data ../shared/data/cifar10/cifar10.npz --output .devdata/restorer \
+    python benchmarks/train_restorer.py --data ../shared/data/cifar10/cifar10.npz --output .devdata/restorer \
         --steps 3000
 
 The UNet predicts the residual x - JPEG(x) (``UNet2DModel`` at timestep 0, diffusers' building block); the loss

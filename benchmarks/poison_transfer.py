@@ -7,7 +7,7 @@ only once learned. This script tests that on the bench's cached poisoned sets: i
 accuracy and mean true-class probability on each poisoned subset x + δ against the clean x, and, with
 ``--cache-dir``, on the purified copies P(x + δ) against P(x) that the bench cached (same noise for both).
 
-    python examples/poison_transfer.py --cache-dir .devdata/bench-cache \
+    python benchmarks/poison_transfer.py --cache-dir .devdata/bench-cache \
         --poisoned em=<cache>/poisoned/em-<key>.safetensors sep=<cache>/poisoned/sep-<key>.safetensors
 
 A poison with +Δ accuracy on x + δ hands a clean model the label; if P(x + δ) keeps part of that gain, what
@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as nnf
-from poison_residue import load_poisoned  # examples/, beside this script
+from poison_residue import load_poisoned  # benchmarks/, beside this script
 from safetensors.torch import load_file, save_file
 
+from eclipse_transforms.bench.analysis import disjoint_subset, linear_probe
 from eclipse_transforms.bench.classifier import Recipe, fit_classifier
 from eclipse_transforms.bench.defenses import DefenseContext, purified
 from eclipse_transforms.bench.models import build_model
@@ -39,16 +38,6 @@ from eclipse_transforms.purify import DEFAULT_STEPS
 from eclipse_transforms.utils import load_image_set
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def disjoint_subset(labels: torch.Tensor, exclude: np.ndarray, size: int, seed: int) -> torch.Tensor:
-    """Sorted indices of ``size / num_classes`` images per class, none of them in ``exclude``."""
-    y = labels.numpy()
-    free = np.setdiff1d(np.arange(len(y)), exclude)
-    rng = np.random.default_rng(seed)
-    per_class = size // (int(y.max()) + 1)
-    picks = [rng.choice(free[y[free] == c], per_class, replace=False) for c in range(int(y.max()) + 1)]
-    return torch.from_numpy(np.sort(np.concatenate(picks)))
 
 
 @torch.inference_mode()
@@ -63,24 +52,6 @@ def scores(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -
         hits += (p.argmax(1) == y).sum().item()
         prob += p.gather(1, y[:, None]).sum().item()
     return hits / len(images), prob / len(images)
-
-
-def linear_probe(features: torch.Tensor, labels: torch.Tensor, steps: int = 300, seed: int = 0) -> float:
-    """Held-out accuracy of a logistic regression on standardised, flattened ``features`` (half train, half test)."""
-    x = features.flatten(1).float()
-    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    train, test = order[: len(x) // 2], order[len(x) // 2 :]
-    w = torch.zeros(x.shape[1], int(labels.max()) + 1, requires_grad=True)
-    b = torch.zeros(w.shape[1], requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=1e-3)
-    for _ in range(steps):
-        loss = nnf.cross_entropy(x[train] @ w + b, labels[train]) + 1e-4 * w.pow(2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return ((x[test] @ w + b).argmax(1) == labels[test]).float().mean().item()
 
 
 def reference_model(path: Path, images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.nn.Module:

@@ -5,8 +5,8 @@ redrawn every epoch), registered here with the bench's public ``register_defense
 runner, so its cells share the tier's subset, recipe, seed and test set with the committed tables. A candidate
 that wins moves into the library; the others stay here as measured dead ends.
 
-    python examples/defense_search.py --data ../shared/data/cifar10/cifar10.npz --cache-dir .devdata/bench-cache \
-        --output-dir examples/results/defense-search --poisons urp,lsp,ar,ops,cuda,em \
+    python benchmarks/defense_search.py --data ../shared/data/cifar10/cifar10.npz --cache-dir .devdata/bench-cache \
+        --output-dir benchmarks/results/defense-search --poisons urp,lsp,ar,ops,cuda,em \
         --defenses jpeg-q20,jpeg-q30,jpeg-then-eclipse
 
 Candidates (``--list`` prints them):
@@ -25,7 +25,7 @@ Candidates (``--list`` prints them):
   random 3x3 kernel, ``(1 - s) * identity + s * k`` with k's entries uniform and normalised to sum 1 and the
   strength s uniform in [0, 1], so a blur no longer tells the class.
 * ``jpeg-restore`` / ``jpeg-restore-eclipse``: JPEG at quality 10, then the restorer that
-  ``examples/train_restorer.py`` trained on the sparse clean set to undo JPEG (``--restorer FOLDER``); the second
+  ``benchmarks/train_restorer.py`` trained on the sparse clean set to undo JPEG (``--restorer FOLDER``); the second
   adds ECLIPSE's per-epoch compensation.
 * ``jpeg-q20-displace-0.8`` / ``eclipse-displace-0.8``: JPEG q20 once, or ECLIPSE's purification once, then
   COIN's displacement (±0.8 px) every epoch (and, for ECLIPSE, its compensation after it).
@@ -221,13 +221,13 @@ def _despeckle_eclipse(context: DefenseContext) -> Defense:
     )
 
 
-#: Set from ``--restorer``: the folder that examples/train_restorer.py wrote.
+#: Set from ``--restorer``: the folder that benchmarks/train_restorer.py wrote.
 RESTORER: dict[str, str] = {}
 
 
 def _jpeg_restore(name: str, compensate: bool):
     def factory(context: DefenseContext) -> Defense:
-        from train_restorer import load_restorer, restore  # examples/, beside this script
+        from train_restorer import load_restorer, restore  # benchmarks/, beside this script
 
         folder = Path(RESTORER.get("folder", ".devdata/restorer"))
         weights = folder / "restorer.safetensors"
@@ -254,7 +254,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=False, help="CIFAR-10 .npz or torchvision root")
     parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--output-dir", default="examples/results/defense-search")
+    parser.add_argument("--output-dir", default="benchmarks/results/defense-search")
     parser.add_argument("--tier", default="quick")
     parser.add_argument("--poisons", default="urp,lsp,ar,ops,cuda")
     parser.add_argument("--defenses", default=",".join(CANDIDATES))
@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--t-star", type=int, default=100)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list", action="store_true", help="print the candidates and exit")
-    parser.add_argument("--restorer", default=".devdata/restorer", help="folder of examples/train_restorer.py")
+    parser.add_argument("--restorer", default=".devdata/restorer", help="folder of benchmarks/train_restorer.py")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished cells")
     args = parser.parse_args()
     RESTORER["folder"] = args.restorer

@@ -12,8 +12,8 @@ its clean original, on training images.
 Label a file as ``label=path`` to measure two variants of one poison in one run.
 ``--t-star`` takes several values, to see how much more diffusion noise a poison needs.
 
-    python examples/poison_residue.py --data ../shared/data/cifar10/cifar10.npz
-    python examples/poison_residue.py --poisoned ~/.cache/eclipse-transforms/bench/poisoned/rem-*.safetensors \
+    python benchmarks/poison_residue.py --data ../shared/data/cifar10/cifar10.npz
+    python benchmarks/poison_residue.py --poisoned ~/.cache/eclipse-transforms/bench/poisoned/rem-*.safetensors \
         --t-star 100,200,300 --steps 4
 """
 

@@ -7,8 +7,8 @@ On held-out CIFAR-10 test images (not in the sparse set) at t* (default 100):
 - throughput on this machine at batch 256 for each setting, in the same run as the official configuration
   (a randomly initialised 52 M-parameter improved-diffusion UNet, 100 ancestral steps), so the ratio is measured.
 
-    python examples/denoiser_quality.py --data ../shared/data/cifar10/cifar10.npz            # bundled weights
-    python examples/denoiser_quality.py --weights runs/my-ddpm --data ~/data/cifar10 --write-card
+    python benchmarks/denoiser_quality.py --data ../shared/data/cifar10/cifar10.npz            # bundled weights
+    python benchmarks/denoiser_quality.py --weights runs/my-ddpm --data ~/data/cifar10 --write-card
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def main() -> None:
 
     if args.write_card:
         quality = {
-            "command": "python examples/denoiser_quality.py "
+            "command": "python benchmarks/denoiser_quality.py "
             + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, True)),
             "num_images": args.num_images,
             "t_star": args.t_star,
