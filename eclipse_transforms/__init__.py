@@ -1,7 +1,8 @@
 """eclipse-transforms: purify clean-label availability poisons with sparse diffusion purification (ECLIPSE).
 
 The public surface: :class:`EclipsePurify` (the three stages as one torchvision transform), the stages
-:class:`ForwardDiffusion`, :class:`ReverseDiffusion` and :class:`CorruptionCompensation`, the cached
+:class:`ForwardDiffusion`, :class:`ReverseDiffusion` and :class:`CorruptionCompensation`, the one-pixel-shortcut
+filter :class:`Despeckle`, the cached
 :class:`PurifiedDataset`, and :func:`load_denoiser` for the DDPM weights (bundled, a folder or a Hub repo id).
 """
 
@@ -10,6 +11,7 @@ from .compensation import CorruptionCompensation
 from .dataset import PurifiedDataset
 from .denoise import ReverseDiffusion
 from .denoiser import Denoiser, load_denoiser
+from .despeckle import Despeckle
 from .noise import ForwardDiffusion
 from .purify import DEFAULT_STEPS, EclipsePurify
 
@@ -19,6 +21,7 @@ __all__ = [
     "ForwardDiffusion",
     "ReverseDiffusion",
     "CorruptionCompensation",
+    "Despeckle",
     "PurifiedDataset",
     "Denoiser",
     "load_denoiser",

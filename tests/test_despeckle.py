@@ -1,0 +1,60 @@
+"""``Despeckle`` removes isolated outlier pixels (the one-pixel shortcut) and nothing else."""
+
+from __future__ import annotations
+
+import PIL.Image
+import pytest
+import torch
+from torchvision import tv_tensors
+
+from eclipse_transforms import Despeckle
+from eclipse_transforms import functional as EF
+
+
+def _smooth(n: int = 4, size: int = 16) -> torch.Tensor:
+    """Smooth float images: gradients, where no pixel stands out from its neighbours."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    return torch.stack([torch.stack([yy * (i + 1) / n, xx, (yy + xx) / 2]) for i in range(n)])
+
+
+def test_a_one_pixel_shortcut_is_removed_and_nothing_else_moves():
+    clean = _smooth()
+    poisoned = clean.clone()
+    poisoned[:, :, 5, 7] = torch.tensor([1.0, 0.0, 1.0]).view(1, 3)  # OPS: one pixel set to an extreme colour
+    out = Despeckle()(poisoned)
+    assert (out - clean).abs().max() < 0.02  # the outlier took its neighbourhood's median
+    assert torch.equal(Despeckle()(clean), clean)  # no outlier, no change
+
+
+def test_only_outliers_beyond_the_threshold_move():
+    x = torch.full((1, 3, 6, 6), 0.5)
+    x[0, 1, 2, 2] = 0.5 + 32 / 255  # exactly at the threshold: kept
+    x[0, 0, 3, 4] = 0.5 + 33 / 255  # beyond: replaced, all channels
+    out = EF.despeckle(x)
+    assert out[0, 1, 2, 2] == x[0, 1, 2, 2]
+    assert torch.equal(out[0, :, 3, 4], torch.full((3,), 0.5))
+    assert torch.equal(EF.despeckle(x, threshold=1.0), x)
+
+
+def test_types_batches_and_uint8_levels():
+    x = (torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).round().to(torch.uint8)
+    t = Despeckle()
+    out = t(x)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert torch.equal(torch.stack([t(img) for img in x]), out)  # batched == one by one
+    assert torch.equal(out, EF.despeckle(x.float() / 255).mul(255).round().to(torch.uint8))
+    pil = t(PIL.Image.fromarray(x[0].permute(1, 2, 0).numpy()))
+    assert isinstance(pil, PIL.Image.Image)
+    img, label = t(tv_tensors.Image(x[0]), 3)
+    assert isinstance(img, tv_tensors.Image) and label == 3
+
+
+@pytest.mark.parametrize(("threshold", "error"), [(-0.1, ValueError), (2, ValueError), ("0.1", TypeError)])
+def test_bad_threshold_is_named(threshold, error):
+    with pytest.raises(error, match="threshold"):
+        Despeckle(threshold)
+
+
+def test_too_small_images_are_refused():
+    with pytest.raises(ValueError, match="at least 2x2"):
+        Despeckle()(torch.rand(3, 1, 5))
