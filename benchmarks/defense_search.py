@@ -35,6 +35,8 @@ Candidates (``--list`` prints them):
 * ``despeckle``: only the outliers: a pixel that differs from the median of its 3x3 neighbourhood by more than
   32/255 in some channel takes that median, once; everything else is left as it is.
 * ``despeckle-eclipse``: ``despeckle``, then ECLIPSE (purification once, compensation every epoch).
+* ``despeckle-jpeg-purify-t300`` / ``despeckle-jpeg-eclipse-t300``: ``despeckle``, JPEG q10, then the diffusion
+  at t* = 300 (4 steps), once; the second adds the per-epoch compensation (one purified cache for both).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from eclipse_transforms import functional as EF
 from eclipse_transforms.bench import Defense, register_defense, run_bench
 from eclipse_transforms.bench.defenses import DefenseContext, compensation, jpeg, purified
 from eclipse_transforms.bench.report import format_table
@@ -199,11 +202,8 @@ def _median(context: DefenseContext) -> Defense:
 
 
 def despeckle(x: torch.Tensor, threshold: int = 32) -> torch.Tensor:
-    """Replace the pixels of uint8 ``(N, C, H, W)`` that stand out from their 3x3 median by more than
-    ``threshold`` levels in any channel with that median (all channels of the pixel)."""
-    median = _median3(x)
-    outlier = (x.int() - median.int()).abs().amax(1, keepdim=True) > threshold
-    return torch.where(outlier, median, x)
+    """:func:`eclipse_transforms.functional.despeckle` on uint8 ``(N, C, H, W)``, ``threshold`` in levels."""
+    return quantize(EF.despeckle(x.float() / 255, threshold=threshold / 255))
 
 
 @candidate("despeckle")
@@ -219,6 +219,29 @@ def _despeckle_eclipse(context: DefenseContext) -> Defense:
         epoch_transform=compensation(),
         options={"threshold": 32, "t_star": context.t_star, "steps": DEFAULT_STEPS, "compensation": True},
     )
+
+
+def _despeckle_jpeg_purify(name: str, compensate: bool):
+    def factory(context: DefenseContext) -> Defense:
+        context = replace(context, t_star=300)
+        return Defense(
+            name,
+            prepare=lambda x, y: purified(jpeg(despeckle(x), 10), y, context, DEFAULT_STEPS),
+            epoch_transform=compensation() if compensate else None,
+            options={
+                "threshold": 32,
+                "quality": 10,
+                "t_star": context.t_star,
+                "steps": DEFAULT_STEPS,
+                "compensation": compensate,
+            },
+        )
+
+    return factory
+
+
+candidate("despeckle-jpeg-purify-t300")(_despeckle_jpeg_purify("despeckle-jpeg-purify-t300", False))
+candidate("despeckle-jpeg-eclipse-t300")(_despeckle_jpeg_purify("despeckle-jpeg-eclipse-t300", True))
 
 
 #: Set from ``--restorer``: the folder that benchmarks/train_restorer.py wrote.

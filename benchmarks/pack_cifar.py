@@ -52,9 +52,7 @@ def decode(codes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.stack(images)
 
 
-def pack(
-    data: str, tier: str, out: Path, seed: int = 0, max_part_mb: float = 45.0, subset: int | None = None
-) -> dict:
+def pack(data: str, tier: str, out: Path, seed: int = 0, max_part_mb: float = 45.0, subset: int | None = None) -> dict:
     """Write ``out/manifest.json`` and ``out/<split>-<k>.npz`` parts; returns the manifest.
 
     ``subset`` replaces the tier's training-subset size (as the bench's ``--subset`` does)."""

@@ -2,7 +2,7 @@
 
 The public surface: :class:`EclipsePurify` (the three stages as one torchvision transform), the stages
 :class:`ForwardDiffusion`, :class:`ReverseDiffusion` and :class:`CorruptionCompensation`, the one-pixel-shortcut
-filter :class:`Despeckle`, the cached
+filter :class:`Despeckle` and :class:`JPEGCompression` (prefilters for :class:`EclipsePurify`), the cached
 :class:`PurifiedDataset`, and :func:`load_denoiser` for the DDPM weights (bundled, a folder or a Hub repo id).
 """
 
@@ -12,6 +12,7 @@ from .dataset import PurifiedDataset
 from .denoise import ReverseDiffusion
 from .denoiser import Denoiser, load_denoiser
 from .despeckle import Despeckle
+from .jpeg import JPEGCompression
 from .noise import ForwardDiffusion
 from .purify import DEFAULT_STEPS, EclipsePurify
 
@@ -22,6 +23,7 @@ __all__ = [
     "ReverseDiffusion",
     "CorruptionCompensation",
     "Despeckle",
+    "JPEGCompression",
     "PurifiedDataset",
     "Denoiser",
     "load_denoiser",

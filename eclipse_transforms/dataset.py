@@ -178,6 +178,8 @@ class PurifiedDataset(Dataset):
             "batch_size": batch_size,
             "device": purify.denoiser.device.type,
         }
+        if purify.prefilter is not None:  # absent otherwise, so that earlier entries keep their keys
+            meta["prefilter"] = repr(purify.prefilter)
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
         self.cache_root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
         self.cache_path = self.cache_root / key

@@ -49,4 +49,4 @@ class Despeckle(ImageTransform):
         return EF.despeckle(x, threshold=self.threshold)
 
     def extra_repr(self) -> str:
-        return f"threshold={self.threshold:.4g}"
+        return f"threshold={self.threshold!r}"

@@ -12,9 +12,11 @@ The paper's sampler then takes exactly ``t_star`` ancestral steps, at diffusers 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
+import PIL.Image
 import torch
 from diffusers import DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
@@ -254,3 +256,35 @@ def despeckle(x: torch.Tensor, *, threshold: float = 32 / 255) -> torch.Tensor:
     # 1e-6: a uint8 difference of exactly the threshold (in levels) is not an outlier, whatever the float rounding
     outlier = (x - median).abs().amax(1, keepdim=True) > threshold + 1e-6
     return torch.where(outlier, median, x)
+
+
+def jpeg(x: torch.Tensor, *, quality: int = 10) -> torch.Tensor:
+    """Encode and decode every image of ``x`` as JPEG at ``quality`` (Pillow, 4:2:0 chroma), as ISS-JPEG does.
+
+    Coarse quantisation of the 8x8 DCT blocks absorbs small perturbations: at quality 10 it breaks the adversarial
+    poisons (SEP, TAP, REM, EM) that diffusion at small t* keeps, at a cost in detail.
+
+    Args:
+        x: float images ``(N, 3, H, W)`` in ``[0, 1]`` (rounded to uint8 levels before encoding).
+        quality: JPEG quality in ``[1, 100]``.
+
+    Returns:
+        float32 images of ``x``'s shape on ``x``'s device, on the 256 uint8 levels.
+
+    Example:
+        >>> out = jpeg(torch.rand(2, 3, 16, 16), quality=10)
+        >>> out.shape, bool((out * 255 == (out * 255).round()).all())
+        (torch.Size([2, 3, 16, 16]), True)
+    """
+    quality = check_int(quality, "quality")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in [1, 100], got {quality}.")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"jpeg needs RGB images (N, 3, H, W), got shape {tuple(x.shape)}.")
+    images = x.detach().to("cpu", torch.float32).mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    out = torch.empty_like(images)
+    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        buf = io.BytesIO()
+        PIL.Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        out[i] = torch.from_numpy(np.array(PIL.Image.open(buf).convert("RGB"))).permute(2, 0, 1)
+    return out.to(x.device).float() / 255

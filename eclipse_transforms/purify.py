@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +38,9 @@ class EclipsePurify(DiffusionTransform):
         steps: reverse steps; ``None`` for the paper's ``t_star``-step ancestral sampler, 1 for the one-step
             ``x_0`` estimate. Default :data:`DEFAULT_STEPS`.
         compensation: the stage-3 transform, or ``None`` to return purified images without it.
+        prefilter: an optional deterministic transform applied before the diffusion, e.g. :class:`Despeckle`
+            against the one-pixel shortcut, or ``v2.Compose([Despeckle(), JPEGCompression(10)])``. It runs inside
+            :meth:`purify_batch`, so :class:`PurifiedDataset` caches its output and keys the cache by its ``repr``.
         seed: int for reproducible purification (a function of each image and the seed; the compensation stays
             random, from torch's global RNG), ``None`` for fresh noise on every call.
         revision: Hub revision when ``denoiser`` is a repo id; pin a commit for reproducibility.
@@ -62,10 +66,14 @@ class EclipsePurify(DiffusionTransform):
         t_star: int = 100,
         steps: int | None = DEFAULT_STEPS,
         compensation: CorruptionCompensation | None = CorruptionCompensation(),  # noqa: B008 - immutable settings
+        prefilter: Callable[[torch.Tensor], torch.Tensor] | None = None,
         seed: int | None = None,
         revision: str | None = None,
     ) -> None:
         super().__init__(denoiser, t_star=t_star, seed=seed, revision=revision)
+        if prefilter is not None and not callable(prefilter):
+            raise TypeError(f"prefilter must be a transform (callable) or None, got {type(prefilter).__name__}.")
+        self.prefilter = prefilter
         self.steps = EF.check_steps(steps, self.t_star) if steps is not None else None
         if compensation is not None and not isinstance(compensation, CorruptionCompensation):
             raise TypeError(
@@ -86,9 +94,12 @@ class EclipsePurify(DiffusionTransform):
     def purify_batch(
         self, x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
     ) -> torch.Tensor:
-        """Stages 1 and 2 (no compensation) on a float batch ``(N, 3, H, W)`` in ``[0, 1]``, on the denoiser's
-        device, with explicit randomness. This is what :class:`PurifiedDataset` caches."""
+        """The prefilter (if any), then stages 1 and 2 (no compensation) on a float batch ``(N, 3, H, W)`` in
+        ``[0, 1]``, on the denoiser's device, with explicit randomness. This is what :class:`PurifiedDataset`
+        caches."""
         check_channels(x.shape, self.denoiser.in_channels)
+        if self.prefilter is not None:
+            x = self.prefilter(x)
         x = x.to(self.denoiser.device)
         return EF.purify(x, self.denoiser, self.t_star, steps=self.steps, generator=generator)
 
@@ -100,4 +111,5 @@ class EclipsePurify(DiffusionTransform):
 
     def extra_repr(self) -> str:
         comp = "None" if self.compensation is None else repr(self.compensation)
-        return f"{super().extra_repr()}, compensation={comp}"
+        pre = "" if self.prefilter is None else f", prefilter={self.prefilter!r}"
+        return f"{super().extra_repr()}{pre}, compensation={comp}"

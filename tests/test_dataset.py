@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from eclipse_transforms import EclipsePurify, PurifiedDataset
+from eclipse_transforms import Despeckle, EclipsePurify, JPEGCompression, PurifiedDataset
+from eclipse_transforms import functional as EF
 
 from .conftest import H, W, make_tiny_denoiser
 
@@ -91,6 +92,22 @@ def test_cache_matches_direct_purification(purify, tmp_path):
     assert torch.equal(torch.stack([ds.purified(i) for i in range(10)]), direct)
 
 
+def test_the_prefilter_runs_before_the_diffusion_and_is_cached(purify, tmp_path):
+    from eclipse_transforms._images import index_generators, quantize
+
+    data = ToyDataset()
+    plain = build(purify, tmp_path, dataset=data)
+    filtered = CountingPurify(purify.denoiser, t_star=10, steps=2, seed=0, prefilter=JPEGCompression(10))
+    ds = build(filtered, tmp_path, dataset=data)
+    x = torch.stack(data.images)
+    expected = quantize(purify.purify_batch(EF.jpeg(x, quality=10), index_generators(range(10), 0)))
+    assert torch.equal(torch.stack([ds.purified(i) for i in range(10)]), expected)
+    assert not torch.equal(ds.purified(0), plain.purified(0))
+    assert "JPEGCompression(quality=10)" in repr(filtered)
+    with pytest.raises(TypeError, match="prefilter"):
+        EclipsePurify(purify.denoiser, t_star=10, prefilter="jpeg")
+
+
 def test_second_construction_reads_the_cache(purify, tmp_path):
     build(purify, tmp_path)
     first = CountingPurify.calls
@@ -100,7 +117,7 @@ def test_second_construction_reads_the_cache(purify, tmp_path):
     assert len(again) == 10
 
 
-@pytest.mark.parametrize("change", ["t_star", "seed", "weights", "steps", "data"])
+@pytest.mark.parametrize("change", ["t_star", "seed", "weights", "steps", "data", "prefilter", "prefilter setting"])
 def test_changing_what_matters_rebuilds(purify, tmp_path, change):
     ds = build(purify, tmp_path)
     calls = CountingPurify.calls
@@ -113,6 +130,13 @@ def test_changing_what_matters_rebuilds(purify, tmp_path, change):
         purify = CountingPurify(purify.denoiser, t_star=10, steps=3, seed=0)
     elif change == "weights":
         purify = CountingPurify(make_tiny_denoiser(seed=1), t_star=10, steps=2, seed=0)
+    elif change == "prefilter":
+        purify = CountingPurify(purify.denoiser, t_star=10, steps=2, seed=0, prefilter=Despeckle())
+    elif change == "prefilter setting":
+        first = CountingPurify(purify.denoiser, t_star=10, steps=2, seed=0, prefilter=JPEGCompression(10))
+        ds = build(first, tmp_path)
+        calls = CountingPurify.calls
+        purify = CountingPurify(purify.denoiser, t_star=10, steps=2, seed=0, prefilter=JPEGCompression(20))
     else:
         kw["dataset"] = ToyDataset(seed=1)
     other = build(purify, tmp_path, **kw)

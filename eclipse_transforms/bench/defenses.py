@@ -17,21 +17,20 @@ and may ask the trainer for PGD adversarial training (``adversarial_epsilon``).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision.transforms.v2 import functional as F
 
+from .. import functional as EF
 from ..compensation import CorruptionCompensation
 from ..dataset import PurifiedDataset
 from ..denoiser import load_denoiser
 from ..purify import DEFAULT_STEPS, EclipsePurify
+from ..utils import quantize
 from ._registry import Registry
 
 __all__ = ["Defense", "DefenseContext", "register_defense", "list_defenses", "get_defense"]
@@ -89,19 +88,9 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
 
 
 def jpeg(images: torch.Tensor, quality: int = 10) -> torch.Tensor:
-    """Encode and decode uint8 ``(N, 3, H, W)`` as JPEG at ``quality`` with Pillow (ISS-JPEG uses quality 10).
-
-    Not torchvision's ``v2.functional.jpeg``: it gives the same bytes on CIFAR-10 (both are libjpeg-turbo with
-    4:2:0 chroma), but torchvision 0.29 deprecates its image encoders in favour of TorchCodec.
-    """
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality must be in [1, 100], got {quality}.")
-    out = torch.empty_like(images)
-    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
-        out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
-    return out
+    """uint8 ``(N, 3, H, W)`` through JPEG at ``quality`` (:func:`eclipse_transforms.functional.jpeg`, Pillow;
+    ISS-JPEG uses quality 10)."""
+    return quantize(EF.jpeg(images.float() / 255, quality=quality))
 
 
 def purified(images: torch.Tensor, labels: torch.Tensor, context: DefenseContext, steps: int | None) -> torch.Tensor:
