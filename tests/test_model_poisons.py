@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from eclipse_transforms import functional as EF
 from eclipse_transforms.bench import em as em_module
 from eclipse_transforms.bench import rem as rem_module
 from eclipse_transforms.bench import sep as sep_module
@@ -213,6 +214,30 @@ def test_adp_crafts_through_the_defense(data, tiny_folder, tmp_path):
     assert not torch.equal(out, em(images, labels, config=TINY, progress=False))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["defense"]["purifier_steps"] == 2 and report["denoiser"]
+
+
+def test_adp_models_the_prefilter_stages(data, tiny_folder):
+    images, labels = data
+    base = ADPConfig(em=TINY, weights=str(tiny_folder), t_star=20, purifier_steps=2)
+    assert set(base.to_dict()) == set(ADPConfig().to_dict())  # new settings at their defaults: the old keys
+    config = dataclasses.replace(base, despeckle=True, jpeg_quality=10, compensation=False)
+    assert config.to_dict()["jpeg_quality"] == 10 and config.to_dict()["compensation"] is False
+    out = adp(images, labels, config=config, progress=False)
+    change = (out.int() - images.int()).abs()
+    assert out.dtype == torch.uint8 and change.max() <= 8 and change.float().mean() > 1
+    assert not torch.equal(out, adp(images, labels, config=base, progress=False))
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        ADPConfig(jpeg_quality=101)
+
+
+def test_straight_through_jpeg_passes_the_gradient():
+    from eclipse_transforms.bench.adp import _straight_through_jpeg
+
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    y = _straight_through_jpeg(x, 10)
+    assert torch.allclose(y, EF.jpeg(x.detach(), quality=10))
+    y.mul(torch.arange(2.0).view(2, 1, 1, 1)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(2.0).view(2, 1, 1, 1).expand_as(x))
 
 
 def test_adp_can_differentiate_a_bfloat16_denoiser(data, tiny_folder):

@@ -1,5 +1,8 @@
 """The adaptive attack on ECLIPSE (the paper's §4.4, "ADP"): error-minimizing noise crafted *through* the defense.
 
+``adp`` attacks ECLIPSE as shipped; ``adp[despeckle=true,jpeg_quality=10,t_star=300,compensation=false]`` attacks
+the despeckle → JPEG → diffusion recipe (JPEG through a straight-through estimator).
+
 The attacker knows the denoiser and the compensation, and runs EM's min-min (:mod:`.em`) with the surrogate
 looking at ``C(purify(x + δ))`` instead of ``x + δ``: every signed step on ``δ`` backpropagates through the
 compensation (random grayscale, Gaussian noise) and the reverse diffusion, with fresh diffusion and compensation
@@ -44,14 +47,33 @@ class ADPConfig:
     dtype: str = "float32"
     p_gray: float = 0.4
     sigma: float = 0.05
+    # The defense's stages before the diffusion, as the attacker models them: despeckle (differentiable almost
+    # everywhere: a replaced pixel passes the gradient to its median's source), then JPEG at jpeg_quality (0: none)
+    # through a straight-through estimator (forward: the real JPEG; backward: identity, BPDA). compensation=False
+    # for a defense without the per-epoch corruption.
+    despeckle: bool = False
+    jpeg_quality: int = 0
+    compensation: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        if not 0 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], or 0 for no JPEG; got {self.jpeg_quality}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["em"] = self.em.to_dict()
+        # Settings added after ADP was first crafted are keyed only when changed, so earlier keys stay valid.
+        for name, default in (("despeckle", False), ("jpeg_quality", 0), ("compensation", True)):
+            if d[name] == default:
+                del d[name]
         return d
+
+
+def _straight_through_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG in the forward pass, identity in the backward pass (the attacker's approximation of a step that has
+    no useful gradient)."""
+    return x + (EF.jpeg(x.detach().clamp(0, 1), quality=quality).to(x) - x).detach()
 
 
 @register_poison("adp")
@@ -80,7 +102,13 @@ def adp(
     denoiser = freeze(load_denoiser(config.weights, device=device, dtype=config.dtype))
 
     def through_defense(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if config.despeckle:
+            x = EF.despeckle(x)
+        if config.jpeg_quality:
+            x = _straight_through_jpeg(x, config.jpeg_quality)
         purified = EF.purify(x, denoiser, config.t_star, steps=config.purifier_steps, generator=g, differentiable=True)
+        if not config.compensation:
+            return purified
         return EF.compensate(purified, p_gray=config.p_gray, sigma=config.sigma, generator=g)
 
     extra = {"defense": {k: v for k, v in config.to_dict().items() if k != "em"}, "denoiser": denoiser.fingerprint}
