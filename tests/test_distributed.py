@@ -80,6 +80,43 @@ def test_two_ranks_finish_a_build_with_the_bytes_of_one(tiny_folder, tmp_path):
     assert not list(entry.glob("*.tmp"))
 
 
+class FailingPurify(RecordingPurify):
+    """Rank 1 dies in its second batch (a lost node, an out-of-memory error)."""
+
+    def purify_batch(self, x, generator=None):
+        if dist.get_rank() == 1 and self.log.exists():
+            raise RuntimeError("rank 1 lost its device")
+        return super().purify_batch(x, generator)
+
+
+def _failing_rank(rank: int, world_size: int, init_file: str, folder: str, cache: str, logs: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        purify = FailingPurify(load_denoiser(folder), t_star=10, steps=2, seed=0, compensation=None)
+        purify.log = Path(logs) / f"rank{rank}.log"
+        PurifiedDataset(ToyDataset(n=22), purify, cache_dir=cache, batch_size=3, shard_size=4, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned ranks, one of which fails: about 15 s
+def test_a_failing_rank_fails_the_job_and_a_rerun_finishes_the_same_bytes(tiny_folder, tmp_path):
+    reference = build(tiny_folder, tmp_path / "one")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 lost its device"):
+        args = (2, str(logs / "init"), str(tiny_folder), str(tmp_path / "two"), str(logs))
+        mp.spawn(_failing_rank, args=args, nprocs=2)
+    entry = tmp_path / "two" / reference.cache_path.name
+    written = shard_hashes(entry)
+    assert len(written) < 6, "the failed build left a complete entry"
+    assert all(
+        written[name] == digest for name, digest in shard_hashes(reference.cache_path).items() if name in written
+    )
+    again = build(tiny_folder, tmp_path / "two")  # one process, any number of ranks: the rest is built
+    assert shard_hashes(again.cache_path) == shard_hashes(reference.cache_path)
+
+
 @pytest.mark.slow  # two fresh processes import torch and diffusers: about 20 s
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun is not installed")  # fmt: skip
