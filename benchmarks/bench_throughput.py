@@ -2,8 +2,9 @@
 
 Prints, in one run:
 - EclipsePurify images/s at batch sizes 1, 32 and 256 for the default setting (and the paper's sampler at 32);
-- the same at batch 256 in each precision of ``--dtypes`` (``load_denoiser(dtype=...)``) against float32, with
-  how far its uint8 output is from float32's (same images, same noise) and its PSNR against the clean images
+- the same at ``--batch-size`` (256) in each precision of ``--dtypes`` (``load_denoiser(dtype=...)``) against
+  float32, with the FLOP rate the UNet reaches and its fraction of the device's measured matmul peak in that
+  precision, how far its uint8 output is from float32's (same images, same noise) and its PSNR against the clean images
   (generated images, or with ``--data`` the first 256 CIFAR-10 test images outside the bundled sparse set);
 - PurifiedDataset.__getitem__ items/s (cached purified image + compensation + crop/flip) against a plain in-memory
   TensorDataset of the same uint8 images with the same crop/flip, both read in the same process.
@@ -44,6 +45,24 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def unet_flops(den, size: int = 32) -> float:
+    """FLOPs of one UNet evaluation on one image (convolutions and matmuls, as torch's FlopCounterMode counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, den.in_channels, size, size, device=den.device, dtype=den.dtype)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        den(x, torch.tensor(10, device=den.device))
+    return float(counter.get_total_flops())
+
+
+def peak_flops(device: str, dtype: torch.dtype) -> float:
+    """Measured matmul FLOP/s on ``device`` in ``dtype`` (best of 3): the peak the UNet's rate is compared with."""
+    n = 8192 if torch.device(device).type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n**3 * rate(lambda: a @ b, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=None)
@@ -52,12 +71,13 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bfloat16", help="precisions to compare with float32 (comma-separated)")
     parser.add_argument("--only-precision", action="store_true", help="skip everything but the precision table")
     parser.add_argument("--data", default=None, help="CIFAR-10 .npz or root: real images for the precision table")
+    parser.add_argument("--batch-size", type=int, default=256, help="precision table's batch (GPU: e.g. 2048)")
     args = parser.parse_args()
     den = load_denoiser(args.weights, device=args.device)
     print(f"denoiser: {den}\ntorch threads: {torch.get_num_threads()}, device: {args.device}\n")
 
-    images = generated_images(256, 32)
-    precision_table(den, args, images if args.data is None else held_out_cifar(args.data, 256))
+    images = generated_images(args.batch_size, 32)
+    precision_table(den, args, images if args.data is None else held_out_cifar(args.data, args.batch_size))
     if not args.only_precision:
         sampler_table(den, images, args.device)
         dataset_rates(den, args)
@@ -76,12 +96,18 @@ def precision_table(den, args: argparse.Namespace, images: torch.Tensor) -> None
     images."""
     print(f"precision: {len(images)} {'generated' if args.data is None else 'held-out CIFAR-10 test'} images")
     x = images.to(args.device)
-    print(
-        f"{'precision':<10} {'steps':>5} {'images/s':>9} {'speed-up':>9} {'max |d| (levels)':>17} "
-        f"{'pixels equal':>13} {'PSNR vs clean':>14}"
-    )
     names = [d.strip() for d in args.dtypes.split(",") if d.strip() not in ("", "float32")]
     denoisers = {"float32": den, **{n: load_denoiser(args.weights, device=args.device, dtype=n) for n in names}}
+    flops = unet_flops(den, images.shape[-1])
+    peaks = {name: peak_flops(args.device, d.dtype) for name, d in denoisers.items()}
+    print(
+        f"UNet: {flops / 1e9:.3f} GFLOP per image and evaluation; measured matmul peak: "
+        + ", ".join(f"{name} {peak / 1e12:.2f} TFLOP/s" for name, peak in peaks.items())
+    )
+    print(
+        f"{'precision':<10} {'steps':>5} {'images/s':>9} {'speed-up':>9} {'TFLOP/s':>8} {'of peak':>8} "
+        f"{'max |d| (levels)':>17} {'pixels equal':>13} {'PSNR vs clean':>14}"
+    )
     for steps in (DEFAULT_STEPS, 1):
         base_rate, base = None, None
         for name, denoiser in denoisers.items():
@@ -92,8 +118,10 @@ def precision_table(den, args: argparse.Namespace, images: torch.Tensor) -> None
                 base_rate, base = speed, out
             d = (out.int() - base.int()).abs()
             mse = ((out.float() / 255 - images) ** 2).mean().item()
+            achieved = flops * steps * speed  # the sampler evaluates the UNet once per step
             print(
-                f"{name:<10} {steps:>5} {speed:>9.1f} {speed / base_rate:>8.2f}x {d.max().item():>17} "
+                f"{name:<10} {steps:>5} {speed:>9.1f} {speed / base_rate:>8.2f}x {achieved / 1e12:>8.3f} "
+                f"{achieved / peaks[name]:>8.1%} {d.max().item():>17} "
                 f"{(d == 0).float().mean().item():>12.1%} {10 * math.log10(1 / mse):>13.2f} dB",
                 flush=True,
             )

@@ -39,7 +39,8 @@ def _add_purify_options(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default=None,
         choices=tuple(DTYPES),
-        help="the UNet's precision; bfloat16 is faster on CPUs with AVX512-BF16/AMX and on GPUs (default: float32)",
+        help="the UNet's precision; bfloat16 is faster on CPUs with AVX512-BF16/AMX and on GPUs (default: float32 "
+        "on a CPU, bfloat16 or float16 on a CUDA device)",
     )
 
 

@@ -269,6 +269,15 @@ def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return resolved
 
 
+def default_dtype(device: torch.device | None) -> torch.dtype:
+    """The UNet's precision when none is asked for: float32 on a CPU (bfloat16 is emulated, and slower, on CPUs
+    without AVX512-BF16 or AMX); on a CUDA device bfloat16 where it is supported, float16 otherwise. Half
+    precision moved the bundled weights' purified images by at most one 8-bit level (docs/speed.md)."""
+    if device is None or device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def dtype_name(dtype: str | torch.dtype | None) -> str:
     """``dtype``'s key in :data:`DTYPES` (``"bfloat16"`` for ``torch.bfloat16`` or ``"torch.bfloat16"``), checked."""
     return str(check_dtype(dtype)).removeprefix("torch.")
@@ -292,8 +301,9 @@ def load_denoiser(
         allow_pickle: load a pickle checkpoint (``.bin``) when no safetensors file exists. Only for files
             you trust: unpickling can run arbitrary code.
         device: where to put the UNet. Default: CPU.
-        dtype: the UNet's compute precision: ``torch.float32`` (default), ``torch.bfloat16`` or ``torch.float16``
-            (or their names). Lower precision is faster where the hardware has it (bfloat16 on CPUs with
+        dtype: the UNet's compute precision: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16`` (or their
+            names). Default: float32 on a CPU; on a CUDA device bfloat16, or float16 where bfloat16 is not
+            supported (:func:`default_dtype`); pass ``torch.float32`` for full precision there. Lower precision is faster where the hardware has it (bfloat16 on CPUs with
             AVX512-BF16 or AMX, both on GPUs); bfloat16 moved the bundled weights' purified CIFAR-10 images by at
             most one 8-bit level (``benchmarks/bench_throughput.py``). The scheduler's arithmetic stays in float32.
             The dtype is part of :attr:`Denoiser.fingerprint`, so cached purifications of different precisions
@@ -314,8 +324,8 @@ def load_denoiser(
         >>> den = load_denoiser("my-org/my-ddpm", revision="0123abc")  # doctest: +SKIP
         >>> den = load_denoiser(dtype=torch.bfloat16)  # doctest: +SKIP
     """
-    dtype = check_dtype(dtype)
     device = check_device(device)
+    dtype = default_dtype(device) if dtype is None else check_dtype(dtype)
     if pretrained is None:
         root = bundled_weights_path()
         if root is None:

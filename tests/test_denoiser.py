@@ -290,3 +290,13 @@ def test_cpu_micro_batching_gives_the_same_noise_prediction():
     den.cpu_micro_batch = 3
     assert torch.allclose(den(x, torch.tensor(5)), whole, atol=1e-5)
     assert torch.allclose(den(x, torch.full((7,), 5)), whole, atol=1e-5)
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_half_precision_is_the_default_on_a_cuda_device(monkeypatch, bf16, expected):
+    from eclipse_transforms.denoiser import default_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert default_dtype(torch.device("cuda", 0)) == expected
+    assert default_dtype(torch.device("cpu")) == default_dtype(None) == torch.float32
+    assert load_denoiser().dtype == torch.float32  # on the CPU, float32 unless asked
