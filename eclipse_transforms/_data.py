@@ -92,6 +92,46 @@ def _load_npz(path: Path, split: str) -> ImageSet:
     )
 
 
+class FolderImages(torch.utils.data.Dataset):
+    """An ImageFolder tree read one image at a time: ``(uint8 (3, H, W) tensor, label)`` items, in
+    ``torchvision.datasets.ImageFolder``'s order, so memory does not grow with the number of images.
+
+    Every image must be RGB-convertible (RGB, P or RGBA) and of the first image's size; an item that is not
+    raises a ``ValueError`` naming its file.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.root = Path(root)
+        folder = ImageFolder(self.root, loader=PIL.Image.open)
+        if not folder.samples:
+            raise ValueError(f"{self.root} holds no images.")
+        self.samples = folder.samples
+        self.classes = folder.classes
+        self.files = [os.path.relpath(path, self.root) for path, _ in self.samples]
+        self.size = tuple(self._read(0).shape[1:])
+
+    def _read(self, index: int) -> torch.Tensor:
+        path = self.samples[index][0]
+        with PIL.Image.open(path) as im:
+            if im.mode not in ("RGB", "P", "RGBA"):
+                raise ValueError(f"{path} is a {im.mode!r} image; the denoiser needs RGB images.")
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self._read(index)
+        if tuple(image.shape[1:]) != self.size:
+            raise ValueError(
+                f"images in {self.root} have different sizes ({self.size} and {tuple(image.shape[1:])} for "
+                f"{self.samples[index][0]}); resize them to one size first."
+            )
+        return image, self.samples[index][1]
+
+
 def _load_folder(root: Path) -> ImageSet:
     from torchvision.datasets import ImageFolder
 

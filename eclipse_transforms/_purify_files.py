@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
 from ._cache import atomic_write
-from ._data import ImageSet, load_image_set
+from ._data import FolderImages, ImageSet, find_cifar_root, load_image_set
 from ._dist import ranks as distributed_ranks
 from ._outputs import check_output_location, is_owned, no_space, replace_folder
 from .dataset import PurifiedDataset
@@ -70,7 +70,7 @@ def _is_running(pid: int) -> bool:
     return True
 
 
-def _folder_names(data: ImageSet, labels: torch.Tensor) -> list[str]:
+def _folder_names(data: ImageSet | FolderImages, labels: torch.Tensor) -> list[str]:
     """The relative path of every image in a folder output; labels become class folders, checked first."""
     if data.files:
         return [str(Path(f).with_suffix(".png")) for f in data.files]
@@ -95,6 +95,7 @@ def purify_files(
     cache_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    num_workers: int = 0,
 ) -> Path:
     """Purify (stages 1 and 2) every image of ``source`` and write them to ``output``.
 
@@ -108,7 +109,9 @@ def purify_files(
             one folder per class, named by the input's class names or by the label).
         purify: the settings; its compensation is not applied (that is a training-time, per-epoch stage).
         split: the split of a CIFAR root or split-keyed .npz.
-        batch_size, cache_dir, progress: as in :class:`PurifiedDataset`.
+        batch_size, cache_dir, progress, num_workers: as in :class:`PurifiedDataset`. An ImageFolder input is
+            read one image at a time (by ``num_workers`` DataLoader workers), so a folder-to-folder run holds a
+            shard of images at a time, not the dataset; an ``.npz`` output is one array, the output's size.
         overwrite: replace an existing ``output`` that this function wrote (a folder is replaced only when it
             holds the marker file every output folder gets). Never the current folder, an input, or a folder
             that holds one of them.
@@ -125,22 +128,34 @@ def purify_files(
     out = Path(output).expanduser()
     src = Path(source).expanduser()
     _check_output(out, src, overwrite)
-    data = load_image_set(source, split=split)
-    labels = data.labels if data.labels is not None else torch.zeros(len(data.images), dtype=torch.int64)
+    if src.is_dir() and find_cifar_root(src) is None:
+        # An ImageFolder tree is read one image at a time (by num_workers DataLoader workers), never held whole.
+        data = FolderImages(src)
+        labels = torch.tensor([label for _, label in data.samples], dtype=torch.int64)
+        source_dataset = data
+    else:  # an .npz or a CIFAR-10 root: arrays, read at once
+        data = load_image_set(source, split=split)
+        labels = data.labels if data.labels is not None else torch.zeros(len(data.images), dtype=torch.int64)
+        source_dataset = TensorDataset(data.images, labels)
     names = None if out.suffix.lower() == ".npz" else _folder_names(data, labels)
     ds = PurifiedDataset(
-        TensorDataset(data.images, labels), purify, cache_dir=cache_dir, batch_size=batch_size, progress=progress
+        source_dataset,
+        purify,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        progress=progress,
+        num_workers=num_workers,
     )
     ranks = distributed_ranks()
     if ranks is not None and ranks[0] != 0:
         return out  # every rank built its share of the cache; rank 0 writes the output
-    images = torch.stack([ds.purified(i) for i in range(len(ds))])
     out.parent.mkdir(parents=True, exist_ok=True)
     what = f"the output {out} (the purified images are cached: a rerun only writes)"
-    if out.suffix.lower() == ".npz":
+    if out.suffix.lower() == ".npz":  # one array: the output's size in memory
+        images = torch.stack([ds.purified(i) for i in range(len(ds))])
         arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
-        if data.labels is not None:
-            arrays["labels"] = data.labels.numpy()
+        if isinstance(data, FolderImages) or data.labels is not None:
+            arrays["labels"] = labels.numpy()
         try:
             atomic_write(out, lambda f: np.savez(f, **arrays))
         except OSError as e:
@@ -151,10 +166,10 @@ def purify_files(
     try:
         staged.mkdir()
         (staged / MARKER).write_text(json.dumps({"source": str(src.resolve()), "purify": repr(purify)}) + "\n")
-        for i in tqdm(range(len(images)), desc="write", disable=not progress, unit="img"):
+        for i in tqdm(range(len(ds)), desc="write", disable=not progress, unit="img"):
             path = staged / names[i]
             path.parent.mkdir(parents=True, exist_ok=True)
-            F.to_pil_image(images[i]).save(path)
+            F.to_pil_image(ds.purified(i)).save(path)
         replace_folder(staged, out)
     except BaseException as e:
         shutil.rmtree(staged, ignore_errors=True)  # the staging folder is this call's own

@@ -54,6 +54,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {number}")
+    return number
+
+
 def _steps(value: str) -> int | None:
     if value in ("paper", "none", "None"):
         return None
@@ -127,6 +137,7 @@ def _cmd_purify(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            num_workers=args.num_workers,
         ),
     )
 
@@ -265,6 +276,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="CIFAR / .npz split: train or test (default: train)")
     p.add_argument("--cache-dir", default=None, help="resumable work cache (default: ~/.cache/eclipse-transforms)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=0,
+        help="processes that decode an ImageFolder input while the denoiser runs (default: 0, in this process)",
+    )
     _add_purify_options(p)
     p.set_defaults(func=_cmd_purify)
 

@@ -84,6 +84,37 @@ def test_purify_image_folder_keeps_its_layout(tiny_folder, tmp_path):
         assert im.size == (8, 12)
 
 
+def test_a_folder_input_is_read_image_by_image_with_the_same_result(tiny_folder, tmp_path, monkeypatch, capsys):
+    from eclipse_transforms import _purify_files
+    from eclipse_transforms.utils import load_image_set
+
+    rng = np.random.default_rng(1)
+    for cls in ("cat", "dog"):
+        (tmp_path / "in" / cls).mkdir(parents=True)
+        for i in range(3):
+            PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / "in" / cls / f"{i}.png"
+            )
+    whole = load_image_set(tmp_path / "in")  # what the folder holds, read at once here, never by purify
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("purify loaded the whole folder into memory")
+
+    monkeypatch.setattr(_purify_files, "load_image_set", refuse)
+    args = purify_args(tiny_folder, tmp_path)
+    assert main(["--no-progress", "purify", str(tmp_path / "in"), str(tmp_path / "a.npz"), *args]) == 0
+    assert main(["--no-progress", "purify", str(tmp_path / "in"), str(tmp_path / "b.npz"), *args,
+                 "--num-workers", "2", "--cache-dir", str(tmp_path / "other-cache")]) == 0  # fmt: skip
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert np.array_equal(a["images"], b["images"]) and a["images"].shape == (6, 8, 8, 3)
+        assert a["labels"].tolist() == whole.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    PIL.Image.fromarray(rng.integers(0, 256, (9, 8, 3), dtype=np.uint8)).save(tmp_path / "in" / "dog" / "odd.png")
+    capsys.readouterr()
+    assert main(["--no-progress", "purify", str(tmp_path / "in"), str(tmp_path / "c"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "different sizes" in err and "odd.png" in err
+
+
 def test_info_prints_the_config(tiny_folder, capsys):
     assert main(["info", "--weights", str(tiny_folder)]) == 0
     info = json.loads(capsys.readouterr().out)
