@@ -89,14 +89,14 @@ def main() -> None:
     gens = lambda: index_generators(held.tolist(), 0)  # noqa: E731
     rows = []
 
-    noisy = EF.diffuse(clean, den, args.t_star, generator=gens())
+    noisy = EF.forward_diffusion(clean, den, args.t_star, generator=gens())
     rows.append(
         {"name": f"noisy input x_t* (t*={args.t_star})", "psnr": psnr(noisy.clamp(0, 1), clean), "images_per_s": None}
     )
 
     # Gaussian-blur baseline on x_t*, sigma tuned on 500 sparse-set images.
     tune = test.images[sparse[:500]].float() / 255
-    tune_noisy = EF.diffuse(tune, den, args.t_star, generator=index_generators(sparse[:500], 0)).clamp(0, 1)
+    tune_noisy = EF.forward_diffusion(tune, den, args.t_star, generator=index_generators(sparse[:500], 0)).clamp(0, 1)
     sigmas = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.2]
     best = max(sigmas, key=lambda s: psnr(F.gaussian_blur(tune_noisy, [5, 5], [s, s]), tune))
     blurred = F.gaussian_blur(noisy.clamp(0, 1), [5, 5], [best, best])

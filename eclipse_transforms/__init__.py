@@ -7,14 +7,14 @@ filter :class:`Despeckle` and :class:`JPEGCompression` (prefilters for :class:`E
 """
 
 from ._version import __version__
-from .compensation import CorruptionCompensation
+from .corruption_compensation import CorruptionCompensation
 from .dataset import PurifiedDataset
-from .denoise import ReverseDiffusion
 from .denoiser import Denoiser, load_denoiser
 from .despeckle import Despeckle
-from .jpeg import JPEGCompression
-from .noise import ForwardDiffusion
+from .forward_diffusion import ForwardDiffusion
+from .jpeg_compression import JPEGCompression
 from .purify import DEFAULT_STEPS, EclipsePurify
+from .reverse_diffusion import ReverseDiffusion
 
 __all__ = [
     "__version__",

@@ -83,7 +83,7 @@ def run_demo(
     t0 = time.perf_counter()
     purified = purify.purify_batch(poisoned, gens()).cpu()
     seconds = time.perf_counter() - t0
-    compensated = EF.compensate(purified, generator=torch.Generator().manual_seed(2))
+    compensated = EF.corruption_compensation(purified, generator=torch.Generator().manual_seed(2))
 
     rows = [
         clean,

@@ -1,8 +1,8 @@
 """Functional form of the three ECLIPSE stages, with explicit randomness (``generator=``).
 
 All functions take float image batches ``(N, C, H, W)`` in ``[0, 1]`` (the noise stage's output may leave that
-range) and return the same layout. The DDPM's ``[-1, 1]`` range exists only inside :func:`diffuse` and
-:func:`denoise`. ``generator`` is ``None`` (torch's global RNG), one ``torch.Generator`` for the whole batch, or a
+range) and return the same layout. The DDPM's ``[-1, 1]`` range exists only inside :func:`forward_diffusion` and
+:func:`reverse_diffusion`. ``generator`` is ``None`` (torch's global RNG), one ``torch.Generator`` for the whole batch, or a
 sequence of generators with one per image, which makes every image's output independent of the batch it is in.
 
 Timesteps follow the paper (1-indexed DDPM notation, ``t_star`` in ``[1, T]``): the noisy image ``x_{t*}`` uses
@@ -12,8 +12,11 @@ The paper's sampler then takes exactly ``t_star`` ancestral steps, at diffusers 
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -26,10 +29,12 @@ from ._images import check_channels, check_float_images, check_int
 from .denoiser import Denoiser
 
 __all__ = [
-    "diffuse",
-    "denoise",
+    "forward_diffusion",
+    "reverse_diffusion",
     "purify",
-    "compensate",
+    "corruption_compensation",
+    "despeckle",
+    "jpeg_compression",
     "sampling_timesteps",
     "check_t_star",
     "check_steps",
@@ -107,7 +112,9 @@ def check_images(x: torch.Tensor, denoiser: Denoiser, name: str, check_range: bo
         )
 
 
-def diffuse(x: torch.Tensor, denoiser: Denoiser, t_star: int, *, generator: Generators = None) -> torch.Tensor:
+def forward_diffusion(
+    x: torch.Tensor, denoiser: Denoiser, t_star: int, *, generator: Generators = None
+) -> torch.Tensor:
     """Forward diffusion of clean images to ``x_{t*}`` (formula (4) of Ho et al. 2020).
 
     ``x_{t*} = sqrt(ᾱ_{t*}) x + sqrt(1 - ᾱ_{t*}) ε`` in the model's ``[-1, 1]`` space, via diffusers'
@@ -130,7 +137,7 @@ def diffuse(x: torch.Tensor, denoiser: Denoiser, t_star: int, *, generator: Gene
     return noisy / 2 + 0.5
 
 
-def denoise(
+def reverse_diffusion(
     noisy: torch.Tensor,
     denoiser: Denoiser,
     t_star: int,
@@ -142,7 +149,7 @@ def denoise(
     """Reverse DDPM from ``x_{t*}`` to ``x_0`` with diffusers' ``DDPMScheduler.step`` (ancestral sampling).
 
     Args:
-        noisy: ``x_{t*}`` as returned by :func:`diffuse` (float ``(N, C, H, W)``, image space ``y / 2 + 0.5``).
+        noisy: ``x_{t*}`` as returned by :func:`forward_diffusion` (float ``(N, C, H, W)``, image space ``y / 2 + 0.5``).
         denoiser: the noise predictor and its schedule. Runs on its own device; the result returns to ``noisy``'s.
         t_star: the diffusion time of ``noisy``.
         steps: ``None`` or ``t_star`` for the paper's sampler, fewer for a respaced schedule, 1 for the one-step
@@ -156,7 +163,7 @@ def denoise(
     """
     if not differentiable:
         with torch.inference_mode():
-            return denoise(noisy, denoiser, t_star, steps=steps, generator=generator, differentiable=True)
+            return reverse_diffusion(noisy, denoiser, t_star, steps=steps, generator=generator, differentiable=True)
     t_star = check_t_star(t_star, denoiser)
     timesteps = sampling_timesteps(t_star, steps)
     check_images(noisy, denoiser, "noisy", check_range=False)
@@ -184,20 +191,20 @@ def purify(
     generator: Generators = None,
     differentiable: bool = False,
 ) -> torch.Tensor:
-    """Noise then denoise: ``denoise(diffuse(x))`` with one generator stream per image.
+    """Noise then denoise: ``reverse_diffusion(forward_diffusion(x))`` with one generator stream per image.
 
     Args:
         x: float images ``(N, C, H, W)`` in ``[0, 1]``.
-        denoiser, t_star, steps, generator, differentiable: as in :func:`diffuse` and :func:`denoise`.
+        denoiser, t_star, steps, generator, differentiable: as in :func:`forward_diffusion` and :func:`reverse_diffusion`.
 
     Returns:
         Purified float32 images ``(N, C, H, W)`` in ``[0, 1]``.
     """
-    noisy = diffuse(x, denoiser, t_star, generator=generator)
-    return denoise(noisy, denoiser, t_star, steps=steps, generator=generator, differentiable=differentiable)
+    noisy = forward_diffusion(x, denoiser, t_star, generator=generator)
+    return reverse_diffusion(noisy, denoiser, t_star, steps=steps, generator=generator, differentiable=differentiable)
 
 
-def compensate(
+def corruption_compensation(
     x: torch.Tensor, *, p_gray: float = 0.4, sigma: float = 0.05, generator: Generators = None
 ) -> torch.Tensor:
     """The paper's corruption compensation: random grayscale, then Gaussian noise, then clamp to ``[0, 1]``.
@@ -258,7 +265,7 @@ def despeckle(x: torch.Tensor, *, threshold: float = 32 / 255) -> torch.Tensor:
     return torch.where(outlier, median, x)
 
 
-def jpeg(x: torch.Tensor, *, quality: int = 10) -> torch.Tensor:
+def jpeg_compression(x: torch.Tensor, *, quality: int = 10) -> torch.Tensor:
     """Encode and decode every image of ``x`` as JPEG at ``quality`` (Pillow, 4:2:0 chroma), as ISS-JPEG does.
 
     Coarse quantisation of the 8x8 DCT blocks absorbs small perturbations: at quality 10 it breaks the adversarial
@@ -272,7 +279,7 @@ def jpeg(x: torch.Tensor, *, quality: int = 10) -> torch.Tensor:
         float32 images of ``x``'s shape on ``x``'s device, on the 256 uint8 levels.
 
     Example:
-        >>> out = jpeg(torch.rand(2, 3, 16, 16), quality=10)
+        >>> out = jpeg_compression(torch.rand(2, 3, 16, 16), quality=10)
         >>> out.shape, bool((out * 255 == (out * 255).round()).all())
         (torch.Size([2, 3, 16, 16]), True)
     """
@@ -280,7 +287,7 @@ def jpeg(x: torch.Tensor, *, quality: int = 10) -> torch.Tensor:
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in [1, 100], got {quality}.")
     if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"jpeg needs RGB images (N, 3, H, W), got shape {tuple(x.shape)}.")
+        raise ValueError(f"jpeg_compression needs RGB images (N, 3, H, W), got shape {tuple(x.shape)}.")
     images = x.detach().to("cpu", torch.float32).mul(255).round_().clamp_(0, 255).to(torch.uint8)
     out = torch.empty_like(images)
     for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
@@ -288,3 +295,24 @@ def jpeg(x: torch.Tensor, *, quality: int = 10) -> torch.Tensor:
         PIL.Image.fromarray(img).save(buf, format="JPEG", quality=quality)
         out[i] = torch.from_numpy(np.array(PIL.Image.open(buf).convert("RGB"))).permute(2, 0, 1)
     return out.to(x.device).float() / 255
+
+
+def _deprecated(old: str, new: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``old``, the name ``new`` had before each stage got one name across class, module and function."""
+
+    @functools.wraps(new)
+    def alias(*args: Any, **kwargs: Any) -> torch.Tensor:
+        warnings.warn(
+            f"eclipse_transforms.functional.{old} is deprecated; use {new.__name__} (the name of its class's stage).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return new(*args, **kwargs)
+
+    alias.__doc__ = f"Deprecated name of :func:`{new.__name__}`."
+    return alias
+
+
+diffuse = _deprecated("diffuse", forward_diffusion)
+denoise = _deprecated("denoise", reverse_diffusion)
+compensate = _deprecated("compensate", corruption_compensation)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -10,9 +11,9 @@ import torch
 from . import functional as EF
 from ._base import DiffusionTransform
 from ._images import check_channels, content_generators
-from .compensation import CorruptionCompensation
-from .denoise import ReverseDiffusion
-from .noise import ForwardDiffusion
+from .corruption_compensation import CorruptionCompensation
+from .forward_diffusion import ForwardDiffusion
+from .reverse_diffusion import ReverseDiffusion
 
 __all__ = ["EclipsePurify", "DEFAULT_STEPS"]
 
@@ -82,14 +83,26 @@ class EclipsePurify(DiffusionTransform):
         self.compensation = compensation
 
     @property
-    def noise(self) -> ForwardDiffusion:
+    def forward_diffusion(self) -> ForwardDiffusion:
         """Stage 1 alone, sharing this transform's denoiser, t_star and seed."""
         return ForwardDiffusion(self.denoiser, t_star=self.t_star, seed=self.seed)
 
     @property
-    def denoise(self) -> ReverseDiffusion:
+    def reverse_diffusion(self) -> ReverseDiffusion:
         """Stage 2 alone, sharing this transform's denoiser, t_star, steps and seed."""
         return ReverseDiffusion(self.denoiser, t_star=self.t_star, steps=self.steps, seed=self.seed)
+
+    @property
+    def noise(self) -> ForwardDiffusion:
+        """Deprecated name of :attr:`forward_diffusion`."""
+        warnings.warn("EclipsePurify.noise is deprecated; use .forward_diffusion.", FutureWarning, stacklevel=2)
+        return self.forward_diffusion
+
+    @property
+    def denoise(self) -> ReverseDiffusion:
+        """Deprecated name of :attr:`reverse_diffusion`."""
+        warnings.warn("EclipsePurify.denoise is deprecated; use .reverse_diffusion.", FutureWarning, stacklevel=2)
+        return self.reverse_diffusion
 
     def purify_batch(
         self, x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None

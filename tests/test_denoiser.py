@@ -253,7 +253,7 @@ def test_bundled_weights_denoise_generated_images():
     den = load_denoiser()
     clean = generated_images(16, 32)
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(16)]  # noqa: E731
-    noisy = EF.diffuse(clean, den, 100, generator=gens())
+    noisy = EF.forward_diffusion(clean, den, 100, generator=gens())
     one_step = EF.purify(clean, den, 100, steps=1, generator=gens())
     # Not CIFAR images, so a modest bar: the denoiser must clearly remove noise, not return garbage.
     assert _psnr(one_step, clean) > _psnr(noisy.clamp(0, 1), clean) + 2
@@ -278,7 +278,7 @@ def test_bundled_weights_on_held_out_cifar10():
         clean = torch.from_numpy(z["x_test"][held]).permute(0, 3, 1, 2).float() / 255
     den = load_denoiser()
     gens = lambda: [torch.Generator().manual_seed(int(i)) for i in held]  # noqa: E731
-    noisy = EF.diffuse(clean, den, 100, generator=gens())
+    noisy = EF.forward_diffusion(clean, den, 100, generator=gens())
     gain = _psnr(EF.purify(clean, den, 100, steps=1, generator=gens()), clean) - _psnr(noisy.clamp(0, 1), clean)
     assert gain >= 4, gain  # issue 3's target for the one-step estimate at t* = 100
 

@@ -51,8 +51,8 @@ def test_paper_sampler_matches_direct_ddpm_posterior(tiny):
 def test_one_step_is_the_x0_estimate(tiny):
     t_star = 20
     x = torch.rand(2, 3, H, W)
-    noisy = EF.diffuse(x, tiny, t_star, generator=torch.Generator().manual_seed(0))
-    out = EF.denoise(noisy, tiny, t_star, steps=1, generator=torch.Generator().manual_seed(1))
+    noisy = EF.forward_diffusion(x, tiny, t_star, generator=torch.Generator().manual_seed(0))
+    out = EF.reverse_diffusion(noisy, tiny, t_star, steps=1, generator=torch.Generator().manual_seed(1))
     ab = tiny.scheduler.alphas_cumprod[t_star - 1]
     xt = noisy * 2 - 1
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_one_step_is_the_x0_estimate(tiny):
 
 def test_diffuse_matches_forward_formula(tiny):
     x = torch.rand(2, 3, H, W)
-    noisy = EF.diffuse(x, tiny, 30, generator=torch.Generator().manual_seed(5))
+    noisy = EF.forward_diffusion(x, tiny, 30, generator=torch.Generator().manual_seed(5))
     eps = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(5))
     ab = tiny.scheduler.alphas_cumprod[29]
     expected = (ab.sqrt() * (x * 2 - 1) + (1 - ab).sqrt() * eps) / 2 + 0.5
@@ -109,7 +109,7 @@ def test_compensation_statistics():
     torch.manual_seed(0)
     x = torch.full((4000, 3, 4, 4), 0.5)
     x[:, 0] = 0.9
-    out = EF.compensate(x, p_gray=0.4, sigma=0.05, generator=torch.Generator().manual_seed(0))
+    out = EF.corruption_compensation(x, p_gray=0.4, sigma=0.05, generator=torch.Generator().manual_seed(0))
     gray = (out[:, 0] - out[:, 2]).mean((1, 2)).abs() < 0.1
     assert 0.36 < gray.float().mean() < 0.44
     resid = out[~gray] - x[~gray]
@@ -121,10 +121,10 @@ def test_compensation_statistics():
 )
 def test_bad_t_star(tiny, t_star, match):
     with pytest.raises(ValueError, match=match):
-        EF.diffuse(torch.rand(1, 3, H, W), tiny, t_star)
+        EF.forward_diffusion(torch.rand(1, 3, H, W), tiny, t_star)
 
 
 @pytest.mark.parametrize("steps", [0, 11, -1])
 def test_bad_steps(tiny, steps):
     with pytest.raises(ValueError, match=r"steps must be in \[1, t_star=10\]"):
-        EF.denoise(torch.rand(1, 3, H, W), tiny, 10, steps=steps)
+        EF.reverse_diffusion(torch.rand(1, 3, H, W), tiny, 10, steps=steps)

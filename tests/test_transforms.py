@@ -76,8 +76,25 @@ def test_stages_compose_into_a_purifier(tiny, image):
 
 def test_purify_stage_properties_share_settings(tiny):
     p = EclipsePurify(tiny, t_star=10, steps=3, seed=4)
-    assert p.noise.denoiser is tiny and p.noise.t_star == 10 and p.noise.seed == 4
-    assert p.denoise.steps == 3 and p.denoise.t_star == 10
+    forward, reverse = p.forward_diffusion, p.reverse_diffusion
+    assert forward.denoiser is tiny and forward.t_star == 10 and forward.seed == 4
+    assert reverse.steps == 3 and reverse.t_star == 10
+    with pytest.warns(FutureWarning, match="forward_diffusion"):
+        assert p.noise.t_star == 10  # the old names still work, and say the new ones
+
+
+def test_old_functional_names_warn_and_agree(tiny):
+    import eclipse_transforms.functional as EF
+
+    x = torch.rand(2, 3, 8, 8)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with pytest.warns(FutureWarning, match="use forward_diffusion"):
+        old = EF.diffuse(x, tiny, 10, generator=g())
+    assert torch.equal(old, EF.forward_diffusion(x, tiny, 10, generator=g()))
+    with pytest.warns(FutureWarning, match="use corruption_compensation"):
+        EF.compensate(x)
+    with pytest.warns(FutureWarning, match="use reverse_diffusion"):
+        EF.denoise(old, tiny, 10, steps=1, generator=g())
 
 
 def test_seed_none_gives_fresh_output_and_seed_int_repeats(tiny, image):

@@ -73,7 +73,7 @@ class ADPConfig:
 def _straight_through_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     """JPEG in the forward pass, identity in the backward pass (the attacker's approximation of a step that has
     no useful gradient)."""
-    return x + (EF.jpeg(x.detach().clamp(0, 1), quality=quality).to(x) - x).detach()
+    return x + (EF.jpeg_compression(x.detach().clamp(0, 1), quality=quality).to(x) - x).detach()
 
 
 @register_poison("adp")
@@ -109,7 +109,7 @@ def adp(
         purified = EF.purify(x, denoiser, config.t_star, steps=config.purifier_steps, generator=g, differentiable=True)
         if not config.compensation:
             return purified
-        return EF.compensate(purified, p_gray=config.p_gray, sigma=config.sigma, generator=g)
+        return EF.corruption_compensation(purified, p_gray=config.p_gray, sigma=config.sigma, generator=g)
 
     extra = {"defense": {k: v for k, v in config.to_dict().items() if k != "em"}, "denoiser": denoiser.fingerprint}
     return min_min(

@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 from torchvision.transforms.v2 import functional as F
 
 from .. import functional as EF
-from ..compensation import CorruptionCompensation
+from ..corruption_compensation import CorruptionCompensation
 from ..dataset import PurifiedDataset
 from ..denoiser import load_denoiser
 from ..purify import DEFAULT_STEPS, EclipsePurify
@@ -90,7 +90,7 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
 def jpeg(images: torch.Tensor, quality: int = 10) -> torch.Tensor:
     """uint8 ``(N, 3, H, W)`` through JPEG at ``quality`` (:func:`eclipse_transforms.functional.jpeg`, Pillow;
     ISS-JPEG uses quality 10)."""
-    return quantize(EF.jpeg(images.float() / 255, quality=quality))
+    return quantize(EF.jpeg_compression(images.float() / 255, quality=quality))
 
 
 def purified(images: torch.Tensor, labels: torch.Tensor, context: DefenseContext, steps: int | None) -> torch.Tensor:

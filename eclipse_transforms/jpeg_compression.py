@@ -38,7 +38,7 @@ class JPEGCompression(ImageTransform):
             raise ValueError(f"quality must be in [1, 100], got {quality}.")
 
     def _apply_batch(self, x: Any, params: dict[str, Any]) -> Any:
-        return EF.jpeg(x, quality=self.quality)
+        return EF.jpeg_compression(x, quality=self.quality)
 
     def extra_repr(self) -> str:
         return f"quality={self.quality}"

@@ -40,4 +40,6 @@ class ForwardDiffusion(DiffusionTransform):
 
     def _apply_batch(self, x: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
         generators = content_generators(x, params["seed"])
-        return EF.diffuse(x.to(self.denoiser.device), self.denoiser, self.t_star, generator=generators).to(x.device)
+        return EF.forward_diffusion(x.to(self.denoiser.device), self.denoiser, self.t_star, generator=generators).to(
+            x.device
+        )

@@ -54,4 +54,4 @@ class ReverseDiffusion(DiffusionTransform):
 
     def _apply_batch(self, x: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
         generators = content_generators(x, params["seed"])
-        return EF.denoise(x, self.denoiser, self.t_star, steps=self.steps, generator=generators)
+        return EF.reverse_diffusion(x, self.denoiser, self.t_star, steps=self.steps, generator=generators)

@@ -54,7 +54,7 @@ class CorruptionCompensation(ImageTransform):
         """This module's settings on a float batch ``(N, C, H, W)`` in ``[0, 1]`` that is known to be valid, without
         the transform's dispatch and input checks (what :class:`PurifiedDataset` does on every item, and the bench
         every batch); ``generator`` as in :func:`eclipse_transforms.functional.compensate`."""
-        return EF.compensate(x, p_gray=self.p_gray, sigma=self.sigma, generator=generator)
+        return EF.corruption_compensation(x, p_gray=self.p_gray, sigma=self.sigma, generator=generator)
 
     def _apply_batch(self, x: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
         if x.shape[1] not in (1, 3):
