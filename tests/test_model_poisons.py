@@ -343,10 +343,14 @@ def test_model_based_poisons_craft_on_cuda(data, request, name):
     gpu = fn(images, labels, config=config, progress=False, device="cuda")
     assert gpu.device.type == "cpu" and gpu.dtype == torch.uint8 and gpu.shape == images.shape
     change = (gpu.int() - images.int()).abs()
-    assert change.max() <= 8 and change.float().mean() > 1
-    # The random streams are drawn on the CPU either way: independent streams would agree on ~6 % of the pixels,
-    # the same streams on nearly all (floating-point differences flip a few signed steps).
-    assert (gpu == cpu).float().mean() > 0.5
+    assert change.max() <= 8 and change.float().mean() > 1  # the budget, and a real perturbation
+    assert torch.equal(gpu, fn(images, labels, config=config, progress=False, device="cuda"))  # one device: exact
+    # The random streams are drawn on the CPU either way, so the GPU run starts where the CPU run starts; where
+    # they end differs by floating-point order (a flipped signed step changes every later one: on an H200, EM
+    # agreed with the CPU on 37.5 % of the pixels). Promised is only that it is the same run's poison, i.e. closer
+    # to the CPU's than another seed's is.
+    other_seed = fn(images, labels, config=config, progress=False, seed=1)
+    assert (gpu == cpu).float().mean() > (other_seed == cpu).float().mean() + 0.05
 
 
 @pytest.mark.parametrize("name", ["em", "rem", "sep", "tap"])
@@ -361,9 +365,13 @@ def test_model_based_poisons_craft_in_bfloat16(data, name):
     change = (out.int() - images.int()).abs()
     assert out.dtype == torch.uint8 and change.max() <= 8 and change.float().mean() > 0.5
     assert torch.equal(out, fn(images, labels, config=half, progress=False))  # deterministic
-    # Another poison than float32's (the surrogate computed in bfloat16), from the same random streams.
+    # Another poison than float32's (the surrogate computed in bfloat16), from the same random streams: closer to
+    # float32's than another seed's is (how close depends on the hardware's bfloat16: EM agreed on 25 % of the
+    # pixels on a GPU and 34 % on an AMD EPYC, where another seed agrees on 13.5 %).
     reference = fn(images, labels, config=config, progress=False)
-    assert not torch.equal(out, reference) and (out == reference).float().mean() > 0.3
+    other_seed = fn(images, labels, config=config, progress=False, seed=1)
+    assert not torch.equal(out, reference)
+    assert (out == reference).float().mean() > (other_seed == reference).float().mean() + 0.05
     with pytest.raises(ValueError, match="dtype must be one of"):
         dataclasses.replace(config, dtype="int8")
 
