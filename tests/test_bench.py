@@ -81,6 +81,24 @@ def test_purifying_defenses_cache_through_purified_dataset(tiny_folder, tmp_path
     assert sizes == [512, 4096]  # the 25x costlier paper sampler checkpoints in smaller shards
 
 
+def test_eclipse_despeckle_purifies_the_despeckled_images(tiny_folder, tmp_path):
+    from eclipse_transforms import functional as EF
+    from eclipse_transforms.utils import quantize
+
+    images = torch.full((4, 3, 8, 8), 128, dtype=torch.uint8)
+    images[:, :, 3, 5] = 255  # a one-pixel shortcut
+    labels = torch.arange(4) % 2
+    context = DefenseContext(weights=str(tiny_folder), cache_dir=str(tmp_path), t_star=6, progress=False)
+    defense = get_defense("eclipse-despeckle", context)
+    assert defense.options["prefilter"] == "Despeckle(threshold=0.12549019607843137)"
+    assert "prefilter" not in get_defense("eclipse", context).options  # ECLIPSE's cells keep their keys
+    despeckled = quantize(EF.despeckle(images.float() / 255))
+    assert (despeckled == 128).all()
+    expected = get_defense("purify-only", context).prepare(despeckled, labels)
+    assert torch.equal(defense.prepare(images, labels), expected)
+    assert defense.epoch_transform is not None
+
+
 def test_purifying_defenses_record_and_cache_a_lower_precision_apart(tiny_folder, tmp_path):
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(6) % 2
