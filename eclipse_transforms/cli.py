@@ -44,24 +44,25 @@ def _add_purify_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {number}")
-    return number
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for ints >= ``minimum``."""
+
+    what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {number}")
+        return number
+
+    return parse
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {number}")
-    return number
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _steps(value: str) -> int | None:

@@ -68,14 +68,17 @@ def test_purify_in_bfloat16_is_cached_apart_from_float32(tiny_folder, tmp_path):
         main(["purify", str(src), str(tmp_path / "c.npz"), "--dtype", "int8", *args])
 
 
-def test_purify_image_folder_keeps_its_layout(tiny_folder, tmp_path):
-    rng = np.random.default_rng(0)
+def image_folder(root, per_class: int, size: tuple[int, int], seed: int = 0) -> None:
+    """An ImageFolder tree ``root/{cat,dog}/x{i}.png`` of random RGB images of ``size`` (H, W)."""
+    rng = np.random.default_rng(seed)
     for cls in ("cat", "dog"):
-        (tmp_path / "in" / cls).mkdir(parents=True)
-        for i in range(2):
-            PIL.Image.fromarray(rng.integers(0, 256, (12, 8, 3), dtype=np.uint8)).save(
-                tmp_path / "in" / cls / f"x{i}.png"
-            )
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            PIL.Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / cls / f"x{i}.png")
+
+
+def test_purify_image_folder_keeps_its_layout(tiny_folder, tmp_path):
+    image_folder(tmp_path / "in", 2, (12, 8))
     out = tmp_path / "out"
     assert main(["--no-progress", "purify", str(tmp_path / "in"), str(out), *purify_args(tiny_folder, tmp_path)]) == 0
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
@@ -88,13 +91,8 @@ def test_a_folder_input_is_read_image_by_image_with_the_same_result(tiny_folder,
     from eclipse_transforms import _purify_files
     from eclipse_transforms.utils import load_image_set
 
-    rng = np.random.default_rng(1)
-    for cls in ("cat", "dog"):
-        (tmp_path / "in" / cls).mkdir(parents=True)
-        for i in range(3):
-            PIL.Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
-                tmp_path / "in" / cls / f"{i}.png"
-            )
+    image_folder(tmp_path / "in", 3, (8, 8), seed=1)
+    rng = np.random.default_rng(2)
     whole = load_image_set(tmp_path / "in")  # what the folder holds, read at once here, never by purify
 
     def refuse(*args, **kwargs):
