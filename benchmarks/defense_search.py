@@ -11,12 +11,14 @@ that wins moves into the library; the others stay here as measured dead ends.
 
 Candidates (``--list`` prints them):
 
-* ``jpeg-q{15,20,30}``: ISS-JPEG at a higher quality, once. Where does a poison survive, and what does each
+* ``jpeg-q{15,20,30,50}``: ISS-JPEG at a higher quality, once. Where does a poison survive, and what does each
   quality cost clean data? (ISS uses quality 10.)
 * ``jpeg-then-purify`` / ``jpeg-then-eclipse``: JPEG at quality 10, then ECLIPSE's purification (t* of the run,
   4 steps), without / with the per-epoch compensation. Does the denoiser give back what JPEG takes?
 * ``random-jpeg``: JPEG redrawn every epoch, each image at a quality drawn uniformly from [10, 30]: randomness
   the attacker cannot fit, and no two epochs see the same artefacts.
+* ``random-jpeg-shifted``: the same with the 8x8 block grid moved by a random offset per image and epoch, so
+  the blocks' artefacts never line up twice.
 * ``displace-{0.8,1.2,2.0}``: COIN's corruption (wxldragon/COIN ``COIN_trans``), redrawn every epoch: every pixel
   is resampled (bilinear, wrapping at the borders) at its own offset, drawn uniformly from [-a, a] pixels in x and
   in y and shared by the three channels. COIN's default is a = 2 (severity 4) after crop and flip; here it runs
@@ -63,7 +65,7 @@ def candidate(name: str):
     return register_defense(name)
 
 
-for _quality in (15, 20, 30):
+for _quality in (15, 20, 30, 50):
 
     def _jpeg_factory(context: DefenseContext, quality: int = _quality) -> Defense:
         return Defense(f"jpeg-q{quality}", prepare=lambda x, y: jpeg(x, quality), options={"quality": quality})
@@ -108,6 +110,28 @@ def random_jpeg(x: torch.Tensor, generator: torch.Generator, low: int = 10, high
 @candidate("random-jpeg")
 def _random_jpeg(context: DefenseContext) -> Defense:
     return Defense("random-jpeg", epoch_transform=random_jpeg, options={"quality": [10, 30], "per": "image, epoch"})
+
+
+def shifted_random_jpeg(x: torch.Tensor, generator: torch.Generator, low: int = 10, high: int = 30) -> torch.Tensor:
+    """:func:`random_jpeg` on a JPEG block grid moved by its own offset in [0, 7]^2 per image (reflect-padded,
+    then cropped back), so the 8x8 blocks, and what they quantise away, fall elsewhere every epoch."""
+    n, _, h, w = x.shape
+    shifts = torch.randint(0, 8, (n, 2), generator=generator).tolist()
+    qualities = torch.randint(low, high + 1, (n,), generator=generator).tolist()
+    out = torch.empty_like(x)
+    for i, ((dy, dx), q) in enumerate(zip(shifts, qualities, strict=True)):
+        padded = torch.nn.functional.pad(x[i : i + 1], (dx, 8 - dx, dy, 8 - dy), mode="reflect")
+        out[i] = jpeg(quantize(padded), q)[0, :, dy : dy + h, dx : dx + w].float() / 255
+    return out
+
+
+@candidate("random-jpeg-shifted")
+def _shifted_random_jpeg(context: DefenseContext) -> Defense:
+    return Defense(
+        "random-jpeg-shifted",
+        epoch_transform=shifted_random_jpeg,
+        options={"quality": [10, 30], "grid_shift": [0, 7], "per": "image, epoch"},
+    )
 
 
 def displace(x: torch.Tensor, generator: torch.Generator, alpha: float) -> torch.Tensor:
