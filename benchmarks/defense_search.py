@@ -37,6 +37,8 @@ Candidates (``--list`` prints them):
 * ``despeckle``: only the outliers: a pixel that differs from the median of its 3x3 neighbourhood by more than
   32/255 in some channel takes that median, once; everything else is left as it is.
 * ``despeckle-eclipse``: ``despeckle``, then ECLIPSE (purification once, compensation every epoch).
+* ``despeckle-jpeg-q20``: ``despeckle``, then JPEG at quality 20, once: JPEG q20 kept TAP at q10's level at
+  ECLIPSE's clean cost, and the despeckle takes the OPS that q20 lets through.
 * ``despeckle-jpeg-purify-t300`` / ``despeckle-jpeg-eclipse-t300``: ``despeckle``, JPEG q10, then the diffusion
   at t* = 300 (4 steps), once; the second adds the per-epoch compensation (one purified cache for both).
 """
@@ -266,6 +268,13 @@ def _despeckle_jpeg_purify(name: str, compensate: bool):
 
 candidate("despeckle-jpeg-purify-t300")(_despeckle_jpeg_purify("despeckle-jpeg-purify-t300", False))
 candidate("despeckle-jpeg-eclipse-t300")(_despeckle_jpeg_purify("despeckle-jpeg-eclipse-t300", True))
+
+
+@candidate("despeckle-jpeg-q20")
+def _despeckle_jpeg_q20(context: DefenseContext) -> Defense:
+    return Defense(
+        "despeckle-jpeg-q20", prepare=lambda x, y: jpeg(despeckle(x), 20), options={"threshold": 32, "quality": 20}
+    )
 
 
 #: Set from ``--restorer``: the folder that benchmarks/train_restorer.py wrote.

@@ -226,6 +226,9 @@ def test_adp_models_the_prefilter_stages(data, tiny_folder):
     change = (out.int() - images.int()).abs()
     assert out.dtype == torch.uint8 and change.max() <= 8 and change.float().mean() > 1
     assert not torch.equal(out, adp(images, labels, config=base, progress=False))
+    no_denoiser = dataclasses.replace(config, diffusion=False, jpeg_quality=20)
+    assert no_denoiser.to_dict()["diffusion"] is False
+    assert (adp(images, labels, config=no_denoiser, progress=False).int() - images.int()).abs().max() <= 8
     with pytest.raises(ValueError, match="jpeg_quality"):
         ADPConfig(jpeg_quality=101)
 

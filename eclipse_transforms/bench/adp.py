@@ -1,7 +1,8 @@
 """The adaptive attack on ECLIPSE (the paper's §4.4, "ADP"): error-minimizing noise crafted *through* the defense.
 
-``adp`` attacks ECLIPSE as shipped; ``adp[despeckle=true,jpeg_quality=10,t_star=300,compensation=false]`` attacks
-the despeckle → JPEG → diffusion recipe (JPEG through a straight-through estimator).
+``adp`` attacks ECLIPSE as shipped; ``adp[despeckle=true,jpeg_quality=20,diffusion=false,compensation=false]``
+attacks despeckle-then-JPEG (JPEG through a straight-through estimator), and the settings combine for other
+recipes of the same stages.
 
 The attacker knows the denoiser and the compensation, and runs EM's min-min (:mod:`.em`) with the surrogate
 looking at ``C(purify(x + δ))`` instead of ``x + δ``: every signed step on ``δ`` backpropagates through the
@@ -53,6 +54,7 @@ class ADPConfig:
     # for a defense without the per-epoch corruption.
     despeckle: bool = False
     jpeg_quality: int = 0
+    diffusion: bool = True  # False: a defense without the denoiser (e.g. despeckle then JPEG)
     compensation: bool = True
 
     def __post_init__(self) -> None:
@@ -64,7 +66,7 @@ class ADPConfig:
         d = dataclasses.asdict(self)
         d["em"] = self.em.to_dict()
         # Settings added after ADP was first crafted are keyed only when changed, so earlier keys stay valid.
-        for name, default in (("despeckle", False), ("jpeg_quality", 0), ("compensation", True)):
+        for name, default in (("despeckle", False), ("jpeg_quality", 0), ("diffusion", True), ("compensation", True)):
             if d[name] == default:
                 del d[name]
         return d
@@ -106,7 +108,11 @@ def adp(
             x = EF.despeckle(x)
         if config.jpeg_quality:
             x = _straight_through_jpeg(x, config.jpeg_quality)
-        purified = EF.purify(x, denoiser, config.t_star, steps=config.purifier_steps, generator=g, differentiable=True)
+        purified = (
+            EF.purify(x, denoiser, config.t_star, steps=config.purifier_steps, generator=g, differentiable=True)
+            if config.diffusion
+            else x
+        )
         if not config.compensation:
             return purified
         return EF.corruption_compensation(purified, p_gray=config.p_gray, sigma=config.sigma, generator=g)
