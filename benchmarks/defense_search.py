@@ -41,6 +41,20 @@ Candidates (``--list`` prints them):
   ECLIPSE's clean cost, and the despeckle takes the OPS that q20 lets through.
 * ``despeckle-jpeg-purify-t300`` / ``despeckle-jpeg-eclipse-t300``: ``despeckle``, JPEG q10, then the diffusion
   at t* = 300 (4 steps), once; the second adds the per-epoch compensation (one purified cache for both).
+* ``class-equalize``: against CUDA's class-wise kernels, a blind deconvolution per class, once: every image is
+  filtered with the zero-phase gain that brings its class's mean amplitude spectrum to the classes' geometric
+  mean (gain clipped to [1/4, 4]), after its outermost pixel ring is replaced by the ring inside it (a
+  zero-padded class kernel darkens the class's edges). It uses the labels, as the defender may: the poisons are
+  clean-label.
+* ``despeckle-equalize-jpeg-q20``: ``despeckle``, ``class-equalize``, then JPEG at quality 20, once.
+* ``repair-border``: the outermost ring of pixels replaced by the ring inside it, once: CUDA's zero-padded
+  class kernels darken each class's edges (to 0.61-0.81 of the next ring's brightness on the bench's set, against
+  1.00-1.04 on clean images).
+* ``border-despeckle-jpeg-q20``: ``repair-border``, ``despeckle``, then JPEG at quality 20, once.
+* ``border-despeckle-jpeg-q20-gray``: the same, then every epoch grayscale with probability 0.4 (ECLIPSE's
+  compensation without its Gaussian noise): grayscale alone takes LSP (``iss-gray``: 76.4 on the quick tier).
+* ``cuda-oracle-deconvolve`` / ``cuda-oracle-deconvolve-displace-0.8``: diagnostics, not defenses: every class
+  Wiener-deconvolved with the true kernel of the bench's CUDA set (seed 0), alone or before COIN's displacement.
 """
 
 from __future__ import annotations
@@ -277,6 +291,138 @@ def _despeckle_jpeg_q20(context: DefenseContext) -> Defense:
     )
 
 
+def repair_border(x: torch.Tensor) -> torch.Tensor:
+    """Replace the outermost ring of pixels of ``(N, C, H, W)`` by the ring inside it (edge-replicated)."""
+    inner = x[..., 1:-1, 1:-1]
+    return torch.nn.functional.pad(inner.float(), (1, 1, 1, 1), mode="replicate").to(x.dtype)
+
+
+def class_equalize(x: torch.Tensor, y: torch.Tensor, max_gain: float = 4.0, border: bool = True) -> torch.Tensor:
+    """Equalise the classes' mean amplitude spectra of uint8 ``(N, C, H, W)`` images with labels ``y``.
+
+    A class-wise convolution (CUDA) multiplies the amplitude spectrum of every image of a class by the same
+    ``|K_c(f)|``; the class's mean amplitude spectrum shows it. Every image is filtered with the zero-phase gain
+    ``clamp(A(f) / A_c(f), 1/max_gain, max_gain)``, where ``A_c`` is its class's mean amplitude spectrum (over
+    images and channels) and ``A`` their geometric mean over the classes, so that every class ends with the same
+    mean spectrum. The images are mirrored to ``2H x 2W`` first (no wrap-around edges), and with ``border`` the
+    outermost ring is replaced by its inner neighbour first (a zero-padded class kernel darkens the class's edges).
+    """
+    images = repair_border(x) if border else x
+    n, c, h, w = images.shape
+    z = images.float() / 255
+    z = torch.cat([z, z.flip(-1)], -1)
+    z = torch.cat([z, z.flip(-2)], -2)
+    spectra = torch.fft.rfft2(z)
+    amplitude = spectra.abs().mean(1)  # (N, 2H, W+1), channels averaged
+    classes = y.unique()
+    class_means = torch.stack([amplitude[y == cls].mean(0) for cls in classes]).clamp_min(1e-8)
+    target = class_means.log().mean(0).exp()
+    gains = (target / class_means).clamp(1 / max_gain, max_gain)
+    gains[:, 0, 0] = 1.0  # keep every image's mean colour
+    index = torch.searchsorted(classes, y)
+    out = torch.fft.irfft2(spectra * gains[index].unsqueeze(1), s=z.shape[-2:])[..., :h, :w]
+    return quantize(out.clamp(0, 1))
+
+
+@candidate("repair-border")
+def _repair_border(context: DefenseContext) -> Defense:
+    return Defense("repair-border", prepare=lambda x, y: repair_border(x), options={"ring": 1})
+
+
+@candidate("border-despeckle-jpeg-q20")
+def _border_despeckle_jpeg(context: DefenseContext) -> Defense:
+    return Defense(
+        "border-despeckle-jpeg-q20",
+        prepare=lambda x, y: jpeg(despeckle(repair_border(x)), 20),
+        options={"ring": 1, "threshold": 32, "quality": 20},
+    )
+
+
+@candidate("border-despeckle-jpeg-q20-gray")
+def _border_despeckle_jpeg_gray(context: DefenseContext) -> Defense:
+    return Defense(
+        "border-despeckle-jpeg-q20-gray",
+        prepare=lambda x, y: jpeg(despeckle(repair_border(x)), 20),
+        epoch_transform=compensation(p_gray=0.4, sigma=0.0),
+        options={"ring": 1, "threshold": 32, "quality": 20, "p_gray": 0.4},
+    )
+
+
+@candidate("class-equalize")
+def _class_equalize(context: DefenseContext) -> Defense:
+    return Defense(
+        "class-equalize", prepare=lambda x, y: class_equalize(x, y), options={"max_gain": 4.0, "border": True}
+    )
+
+
+@candidate("despeckle-equalize-jpeg-q20")
+def _despeckle_equalize_jpeg(context: DefenseContext) -> Defense:
+    return Defense(
+        "despeckle-equalize-jpeg-q20",
+        prepare=lambda x, y: jpeg(class_equalize(despeckle(x), y), 20),
+        options={"threshold": 32, "max_gain": 4.0, "border": True, "quality": 20},
+    )
+
+
+def wiener_deconvolve(x: torch.Tensor, kernel: torch.Tensor, noise: float = 0.01, pad: int = 8) -> torch.Tensor:
+    """Undo ``conv2d(x, kernel, padding=1)`` (the same 3x3 ``kernel`` on every channel) on float ``(N, C, H, W)``.
+
+    Wiener filter ``conj(K) / (|K|^2 + noise * mean |K|^2)`` on the image edge-padded by ``pad`` pixels; the
+    kernel is normalised to sum 1 first (CUDA rescales every image to its maximum anyway)."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="replicate")
+    big_h, big_w = padded.shape[-2:]
+    kernel = kernel / kernel.sum()
+    impulse = torch.zeros(big_h, big_w)
+    for a in range(3):
+        for b in range(3):  # conv2d correlates: out[i] = sum_a k[a] x[i + a - 1]
+            impulse[(1 - a) % big_h, (1 - b) % big_w] += kernel[a, b]
+    response = torch.fft.fft2(impulse)
+    power = response.abs() ** 2
+    restored = torch.fft.ifft2(torch.fft.fft2(padded) * response.conj() / (power + noise * power.mean())).real
+    return restored[..., pad : pad + h, pad : pad + w]
+
+
+def deconvolve_classes(x: torch.Tensor, y: torch.Tensor, kernels: torch.Tensor, noise: float = 0.01) -> torch.Tensor:
+    """:func:`wiener_deconvolve` every class of uint8 ``x`` with its own kernel (``kernels[label]``), each image
+    then rescaled to its maximum as CUDA leaves it."""
+    z = x.float() / 255
+    out = torch.empty_like(z)
+    for cls in y.unique().tolist():
+        idx = (y == cls).nonzero().flatten()
+        out[idx] = wiener_deconvolve(z[idx], kernels[cls], noise)
+    out = out.clamp_min(0)
+    return quantize((out / out.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)).clamp(0, 1))
+
+
+@candidate("cuda-oracle-deconvolve")
+def _cuda_oracle(context: DefenseContext) -> Defense:
+    """Diagnostic, not a defense: Wiener-deconvolve every class with the true CUDA kernel of the bench's poison
+    (seed 0), the upper bound of any blind deconvolution."""
+
+    def prepare(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)  # bench.poisons.cuda's kernels for seed 0
+        k = int(y.max()) + 1
+        kernels = torch.rand((k, 3, 3), generator=g) * 0.3
+        taps = torch.randint(0, 9, (k,), generator=g)
+        kernels.view(k, 9)[torch.arange(k), taps] = 1.0
+        return deconvolve_classes(x, y, kernels)
+
+    return Defense("cuda-oracle-deconvolve", prepare=prepare, options={"noise": 0.01, "oracle": "cuda seed 0"})
+
+
+@candidate("cuda-oracle-deconvolve-displace-0.8")
+def _cuda_oracle_displace(context: DefenseContext) -> Defense:
+    """Diagnostic: the oracle deconvolution once, then COIN's displacement (±0.8 px) every epoch."""
+    oracle = _cuda_oracle(context)
+    return Defense(
+        "cuda-oracle-deconvolve-displace-0.8",
+        prepare=oracle.prepare,
+        epoch_transform=lambda x, g: displace(x, g, 0.8),
+        options={**oracle.options, "alpha": 0.8},
+    )
+
+
 #: Set from ``--restorer``: the folder that benchmarks/train_restorer.py wrote.
 RESTORER: dict[str, str] = {}
 
@@ -316,6 +462,7 @@ def main() -> None:
     parser.add_argument("--defenses", default=",".join(CANDIDATES))
     parser.add_argument("--no-clean", action="store_true", help="skip the clean column")
     parser.add_argument("--t-star", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0, help="seed of subset, poisons and training (see BenchConfig)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list", action="store_true", help="print the candidates and exit")
     parser.add_argument("--restorer", default=".devdata/restorer", help="folder of benchmarks/train_restorer.py")
@@ -336,6 +483,7 @@ def main() -> None:
         cache_dir=args.cache_dir,
         clean=not args.no_clean,
         t_star=args.t_star,
+        seed=args.seed,
         progress=not args.no_progress,
     )
     print(format_table(run_bench(config, train=not args.report_only)))
