@@ -29,9 +29,10 @@ from eclipse_transforms import functional as EF
 from eclipse_transforms.denoiser import bundled_weights_path
 from eclipse_transforms.training.card import QUALITY_NAME, write_model_card
 from eclipse_transforms.training.config import TrainConfig
-from eclipse_transforms.utils import hardware_name, index_generators, load_image_set, quantize
+from eclipse_transforms.utils import hardware_name, index_generators, load_image_set, portable_path, quantize
 
 REPO = Path(__file__).resolve().parents[1]
+PATH_ARGS = ("weights", "data", "sparse")  # recorded relative to the repository (utils.portable_path)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -180,7 +181,11 @@ def main() -> None:
     if args.write_card:
         quality = {
             "command": "python benchmarks/denoiser_quality.py "
-            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, True)),
+            + " ".join(
+                f"--{k.replace('_', '-')} {portable_path(v, REPO) if k in PATH_ARGS else v}"
+                for k, v in vars(args).items()
+                if v not in (None, False, True)
+            ),
             "num_images": args.num_images,
             "t_star": args.t_star,
             "batch_size": args.batch_size,

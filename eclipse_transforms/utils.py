@@ -41,6 +41,7 @@ __all__ = [
     "keeps_global_rng",
     "load_image_set",
     "load_indices",
+    "portable_path",
     "quantize",
 ]
 
@@ -54,6 +55,26 @@ def array_digest(array: np.ndarray | torch.Tensor) -> str:
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def portable_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """``path`` as a record that means the same on another machine: relative to ``root`` (default: the working
+    directory) when it lies inside it or beside it (one ``..``), else only its file name.
+
+    >>> portable_path("/data/repo/weights/w.json", root="/data/repo")
+    'weights/w.json'
+    >>> portable_path("/data/shared/cifar10.npz", root="/data/repo")
+    '../shared/cifar10.npz'
+    >>> portable_path("/somewhere/else/entirely/cifar10.npz", root="/data/repo")
+    'cifar10.npz'
+    >>> portable_path("weights/w.json")  # already relative: kept
+    'weights/w.json'
+    """
+    path = Path(path).expanduser()
+    if not path.is_absolute():
+        return str(path)
+    relative = Path(os.path.relpath(path, Path(root).expanduser().absolute() if root else Path.cwd()))
+    return str(relative) if relative.parts.count("..") <= 1 else path.name
 
 
 def file_digest(path: str | os.PathLike, length: int = 64) -> str:

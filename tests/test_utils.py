@@ -81,3 +81,17 @@ def test_the_bench_and_the_scripts_import_only_public_names():
     assert len(files) > 10
     offenders = [hit for path in files if path.name != "__init__.py" for hit in _private_imports(path)]
     assert offenders == [], "use eclipse_transforms.utils (or make the name public):\n" + "\n".join(offenders)
+
+
+def test_portable_path_never_records_this_machines_absolute_path(tmp_path, monkeypatch):
+    repo = tmp_path / "work" / "repo"
+    inside = repo / "weights" / "w.json"
+    beside = tmp_path / "work" / "shared" / "data.npz"  # a sibling of the repository: one ".."
+    far = tmp_path / "mnt" / "data.npz"  # anywhere else: only its name
+    assert utils.portable_path(inside, repo) == "weights/w.json"
+    assert utils.portable_path(beside, repo) == "../shared/data.npz"
+    assert utils.portable_path(far, repo) == "data.npz"
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # default root: the working directory
+    assert utils.portable_path(inside) == "repo/weights/w.json"
+    assert not any(Path(utils.portable_path(p, repo)).is_absolute() for p in (inside, beside, far))

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save
 from .. import __version__
 from ..dataset import default_cache_dir
 from ..denoiser import bundled_weights_path, dtype_name
-from ..utils import atomic_write, atomic_write_json, hardware_name, load_image_set, load_indices
+from ..utils import atomic_write, atomic_write_json, hardware_name, load_image_set, load_indices, portable_path
 from .classifier import Recipe, train_classifier
 from .crafting import digest
 from .defenses import DefenseContext, get_defense, list_defenses
@@ -210,7 +210,8 @@ class _Run:
         test = load_image_set(config.data, split="test")
         idx = balanced_subset(train.labels, config.subset_size(), config.seed)
         self.images, self.labels = train.images[idx].contiguous(), train.labels[idx].contiguous()
-        exclude_file = shown = config.exclude_test
+        exclude_file = config.exclude_test
+        shown = portable_path(exclude_file) if exclude_file else None
         if exclude_file is None and config.weights is None and bundled_weights_path() is not None:
             exclude_file = str(bundled_weights_path().parent / "cifar10_sparse_indices.json")
             shown = "bundled weights/cifar10_sparse_indices.json"  # not this machine's absolute path
