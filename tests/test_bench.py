@@ -387,7 +387,7 @@ def test_committed_cells_match_the_current_keys(folder):
     path = cifar_npz()
     if path is None:
         pytest.skip("real CIFAR-10 not found: set ECLIPSE_CIFAR10 or put cifar10.npz in ../shared/data/cifar10/")
-    out = Path(__file__).resolve().parents[1] / "examples" / "results" / folder
+    out = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / folder
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     assert cells, f"no committed cells in {out}"
     settings = json.loads((out / "bench_config.json").read_text())
