@@ -63,8 +63,6 @@ def _private_imports(path: Path) -> list[str]:
             module = ("." * node.level) + (node.module or "")
             parts = module.lstrip(".").split(".")
             names = [alias.name for alias in node.names if not alias.name.startswith("__")]  # __version__ is public
-            if node.level == 1:
-                continue  # the bench's own helpers (bench/_registry.py) are its business
             if node.level == 0 and parts[0] != "eclipse_transforms":
                 continue
             if any(p.startswith("_") for p in parts) or any(n.startswith("_") for n in names):

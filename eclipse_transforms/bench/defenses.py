@@ -32,7 +32,7 @@ from ..denoiser import load_denoiser
 from ..despeckle import Despeckle
 from ..purify import DEFAULT_STEPS, EclipsePurify
 from ..utils import quantize
-from ._registry import Registry
+from .registry import Registry
 
 __all__ = ["Defense", "DefenseContext", "register_defense", "list_defenses", "get_defense"]
 

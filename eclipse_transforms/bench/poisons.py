@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as nnf
 
 from ..utils import quantize
-from ._registry import Registry
+from .registry import Registry
 
 __all__ = [
     "register_poison",
