@@ -37,8 +37,8 @@ Candidates (``--list`` prints them):
 * ``despeckle``: only the outliers: a pixel that differs from the median of its 3x3 neighbourhood by more than
   32/255 in some channel takes that median, once; everything else is left as it is.
 * ``despeckle-eclipse``: ``despeckle``, then ECLIPSE (purification once, compensation every epoch).
-* ``despeckle-jpeg-q20``: ``despeckle``, then JPEG at quality 20, once: JPEG q20 kept TAP at q10's level at
-  ECLIPSE's clean cost, and the despeckle takes the OPS that q20 lets through.
+* ``despeckle-jpeg-q20`` (and ``-q10``): ``despeckle``, then JPEG at quality 20 (10), once: JPEG q20 kept TAP at
+  q10's level at ECLIPSE's clean cost, and the despeckle takes the OPS that q20 lets through.
 * ``despeckle-jpeg-purify-t300`` / ``despeckle-jpeg-eclipse-t300``: ``despeckle``, JPEG q10, then the diffusion
   at t* = 300 (4 steps), once; the second adds the per-epoch compensation (one purified cache for both).
 * ``class-equalize``: against CUDA's class-wise kernels, a blind deconvolution per class, once: every image is
@@ -284,11 +284,16 @@ candidate("despeckle-jpeg-purify-t300")(_despeckle_jpeg_purify("despeckle-jpeg-p
 candidate("despeckle-jpeg-eclipse-t300")(_despeckle_jpeg_purify("despeckle-jpeg-eclipse-t300", True))
 
 
-@candidate("despeckle-jpeg-q20")
-def _despeckle_jpeg_q20(context: DefenseContext) -> Defense:
-    return Defense(
-        "despeckle-jpeg-q20", prepare=lambda x, y: jpeg(despeckle(x), 20), options={"threshold": 32, "quality": 20}
-    )
+for _quality in (10, 20):
+
+    def _despeckle_jpeg_factory(context: DefenseContext, quality: int = _quality) -> Defense:
+        return Defense(
+            f"despeckle-jpeg-q{quality}",
+            prepare=lambda x, y: jpeg(despeckle(x), quality),
+            options={"threshold": 32, "quality": quality},
+        )
+
+    candidate(f"despeckle-jpeg-q{_quality}")(_despeckle_jpeg_factory)
 
 
 def repair_border(x: torch.Tensor) -> torch.Tensor:
