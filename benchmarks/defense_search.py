@@ -60,16 +60,17 @@ Candidates (``--list`` prints them):
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from eclipse_transforms import cli
 from eclipse_transforms import functional as EF
-from eclipse_transforms.bench import Defense, register_defense, run_bench
+from eclipse_transforms.bench import Defense, register_defense
 from eclipse_transforms.bench.defenses import DefenseContext, compensation, jpeg, purified
-from eclipse_transforms.bench.report import format_table
-from eclipse_transforms.bench.runner import BenchConfig
+from eclipse_transforms.bench.poisons import cuda_kernels, num_classes
 from eclipse_transforms.purify import DEFAULT_STEPS
 from eclipse_transforms.utils import file_digest, quantize
 
@@ -406,12 +407,7 @@ def _cuda_oracle(context: DefenseContext) -> Defense:
     (seed 0), the upper bound of any blind deconvolution."""
 
     def prepare(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        g = torch.Generator().manual_seed(0)  # bench.poisons.cuda's kernels for seed 0
-        k = int(y.max()) + 1
-        kernels = torch.rand((k, 3, 3), generator=g) * 0.3
-        taps = torch.randint(0, 9, (k,), generator=g)
-        kernels.view(k, 9)[torch.arange(k), taps] = 1.0
-        return deconvolve_classes(x, y, kernels)
+        return deconvolve_classes(x, y, cuda_kernels(num_classes(y), seed=0))
 
     return Defense("cuda-oracle-deconvolve", prepare=prepare, options={"noise": 0.01, "oracle": "cuda seed 0"})
 
@@ -457,45 +453,27 @@ candidate("jpeg-restore")(_jpeg_restore("jpeg-restore", False))
 candidate("jpeg-restore-eclipse")(_jpeg_restore("jpeg-restore-eclipse", True))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=False, help="CIFAR-10 .npz or torchvision root")
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--output-dir", default="benchmarks/results/defense-search")
-    parser.add_argument("--tier", default="quick")
-    parser.add_argument("--poisons", default="urp,lsp,ar,ops,cuda")
-    parser.add_argument("--defenses", default=",".join(CANDIDATES))
-    parser.add_argument("--no-clean", action="store_true", help="skip the clean column")
-    parser.add_argument("--t-star", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0, help="seed of subset, poisons and training (see BenchConfig)")
-    parser.add_argument("--no-progress", action="store_true")
+def main(argv: list[str] | None = None) -> int:
+    """Register the candidates, then run ``eclipse-transforms bench`` with this search's defaults: every option
+    of the bench (``--seed``, ``--tier``, ``--report-only``, ``--no-clean``, ...) is taken as the bench takes it."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other option is the bench's (eclipse-transforms bench --help). Defaults here: --output-dir "
+        "benchmarks/results/defense-search --poisons urp,lsp,ar,ops,cuda --defenses <every candidate>.",
+    )
     parser.add_argument("--list", action="store_true", help="print the candidates and exit")
     parser.add_argument("--restorer", default=".devdata/restorer", help="folder of benchmarks/train_restorer.py")
-    parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished cells")
-    args = parser.parse_args()
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args, bench_args = parser.parse_known_args(argv)
     RESTORER["folder"] = args.restorer
     if args.list:
         print("\n".join(CANDIDATES))
-        return
-    if args.data is None:
-        parser.error("--data is required")
-    config = BenchConfig(
-        data=args.data,
-        poisons=args.poisons,
-        defenses=args.defenses,
-        tier=args.tier,
-        output_dir=args.output_dir,
-        cache_dir=args.cache_dir,
-        clean=not args.no_clean,
-        t_star=args.t_star,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    print(format_table(run_bench(config, train=not args.report_only)))
+        return 0
+    defaults = ["--output-dir", "benchmarks/results/defense-search", "--poisons", "urp,lsp,ar,ops,cuda"]
+    defaults += ["--defenses", ",".join(CANDIDATES)]
+    progress = ["--no-progress"] if args.no_progress else []
+    return cli.main(["--verbose", *progress, "bench", *defaults, *bench_args])  # later flags win
 
 
 if __name__ == "__main__":
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    main()
+    sys.exit(main())

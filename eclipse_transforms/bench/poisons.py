@@ -33,6 +33,7 @@ __all__ = [
     "ar",
     "ops",
     "cuda",
+    "cuda_kernels",
 ]
 
 PoisonFn = Callable[..., torch.Tensor]
@@ -286,6 +287,16 @@ def ops(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> torch.T
     return out
 
 
+def cuda_kernels(classes: int, *, seed: int = 0, blur: float = 0.3) -> torch.Tensor:
+    """The ``(classes, 3, 3)`` kernels :func:`cuda` convolves each class with: weights ``U(0, blur)``, one random
+    tap per kernel set to 1.0 (drawn from ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    kernels = torch.rand((classes, 3, 3), generator=g) * blur
+    taps = torch.randint(0, 9, (classes,), generator=g)
+    kernels.view(classes, 9)[torch.arange(classes), taps] = 1.0
+    return kernels
+
+
 @register_poison("cuda")
 def cuda(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, blur: float = 0.3) -> torch.Tensor:
     """Convolution-based unlearnable data (Sadasivan et al., CVPR 2023). Unbounded.
@@ -294,11 +305,7 @@ def cuda(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, blur: flo
     kernel on every channel, zero padding); each image is then divided by its own maximum.
     """
     images, labels = check_poison_inputs(images, labels)
-    g = torch.Generator().manual_seed(seed)
-    k = num_classes(labels)
-    kernels = torch.rand((k, 3, 3), generator=g) * blur
-    taps = torch.randint(0, 9, (k,), generator=g)
-    kernels.view(k, 9)[torch.arange(k), taps] = 1.0
+    kernels = cuda_kernels(num_classes(labels), seed=seed, blur=blur)
     x = images.float() / 255
     out = torch.empty_like(x)
     for cls, idx in _class_indices(labels):
