@@ -1,8 +1,9 @@
 """eclipse-transforms: purify clean-label availability poisons with sparse diffusion purification (ECLIPSE).
 
 The public surface: :class:`EclipsePurify` (the three stages as one torchvision transform), the stages
-:class:`ForwardDiffusion`, :class:`ReverseDiffusion` and :class:`CorruptionCompensation`, the one-pixel-shortcut
-filter :class:`Despeckle` and :class:`JPEGCompression` (prefilters for :class:`EclipsePurify`), the cached
+:class:`ForwardDiffusion`, :class:`ReverseDiffusion` and :class:`CorruptionCompensation`, the squeezes
+:class:`Despeckle` (one-pixel shortcut), :class:`RepairBorder` (a zero-padded convolution's border) and
+:class:`JPEGCompression` (deterministic: before the cache, or ``EclipsePurify(prefilter=...)``), the cached
 :class:`PurifiedDataset`, and :func:`load_denoiser` for the DDPM weights (bundled, a folder or a Hub repo id).
 """
 
@@ -14,6 +15,7 @@ from .despeckle import Despeckle
 from .forward_diffusion import ForwardDiffusion
 from .jpeg_compression import JPEGCompression
 from .purify import DEFAULT_STEPS, EclipsePurify
+from .repair_border import RepairBorder
 from .reverse_diffusion import ReverseDiffusion
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "ReverseDiffusion",
     "CorruptionCompensation",
     "Despeckle",
+    "RepairBorder",
     "JPEGCompression",
     "PurifiedDataset",
     "Denoiser",

@@ -34,6 +34,7 @@ __all__ = [
     "purify",
     "corruption_compensation",
     "despeckle",
+    "repair_border",
     "jpeg_compression",
     "sampling_timesteps",
     "check_t_star",
@@ -263,6 +264,36 @@ def despeckle(x: torch.Tensor, *, threshold: float = 32 / 255) -> torch.Tensor:
     # 1e-6: a uint8 difference of exactly the threshold (in levels) is not an outlier, whatever the float rounding
     outlier = (x - median).abs().amax(1, keepdim=True) > threshold + 1e-6
     return torch.where(outlier, median, x)
+
+
+def repair_border(x: torch.Tensor, *, width: int = 1) -> torch.Tensor:
+    """Replace the outermost ``width`` rings of pixels by copies of the ring just inside them (edge-replicated).
+
+    Args:
+        x: float images ``(N, C, H, W)``, H and W greater than ``2 * width``.
+        width: how many rings to replace (at least 1).
+
+    Returns:
+        float images of ``x``'s shape and dtype; the interior is ``x``'s, bit for bit.
+
+    Example:
+        >>> x = torch.arange(16.0).view(1, 1, 4, 4)
+        >>> repair_border(x)[0, 0]
+        tensor([[ 5.,  5.,  6.,  6.],
+                [ 5.,  5.,  6.,  6.],
+                [ 9.,  9., 10., 10.],
+                [ 9.,  9., 10., 10.]])
+    """
+    width = check_int(width, "width")
+    if width < 1:
+        raise ValueError(f"width must be at least 1 (rings of pixels), got {width}.")
+    h, w = x.shape[-2:]
+    if min(h, w) <= 2 * width:
+        raise ValueError(
+            f"repair_border(width={width}) needs images larger than {2 * width}x{2 * width} pixels, got {h}x{w}."
+        )
+    inner = x[..., width:-width, width:-width]
+    return torch.nn.functional.pad(inner, (width, width, width, width), mode="replicate")
 
 
 def jpeg_compression(x: torch.Tensor, *, quality: int = 10) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 from eclipse_transforms.bench import classifier, runner, specs
 from eclipse_transforms.bench.classifier import Recipe, random_crop_flip, train_classifier
-from eclipse_transforms.bench.defenses import DefenseContext, get_defense, grayscale, jpeg, list_defenses
+from eclipse_transforms.bench.defenses import Defense, DefenseContext, get_defense, grayscale, jpeg, list_defenses
 from eclipse_transforms.bench.rem import REMConfig
 from eclipse_transforms.bench.report import accuracy_grid, format_table
 from eclipse_transforms.bench.runner import BenchConfig, balanced_subset, run_bench
@@ -336,6 +336,55 @@ def test_pgd_stays_in_the_ball_and_raises_the_loss():
     loss = torch.nn.functional.cross_entropy
     assert loss(model(adv), y) > loss(model(x), y)
     assert get_defense("adv-training").adversarial_epsilon == pytest.approx(8 / 255)
+
+
+def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
+    seen = {}
+
+    def spy(images, labels, test_images, test_labels, recipe, **kwargs):
+        seen["recipe"] = recipe
+        return {
+            "test_accuracy": 0.5,
+            "train_accuracy": 0.5,
+            "train_seconds": 0.0,
+            "images_per_second": 1.0,
+            "parameters": 1,
+        }
+
+    monkeypatch.setattr(runner, "train_classifier", spy)
+    light = Defense("light-at", adversarial_epsilon=4 / 255, adversarial_steps=2, options={"pgd": "4/255, 2"})
+    monkeypatch.setattr(runner, "get_defense", lambda name, context=None: light)
+    config = BenchConfig(
+        data=str(toy_cifar),
+        poisons="urp",
+        defenses=("none",),
+        clean=False,
+        subset=0,
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    runner._Run(config).run_cell("urp", "light-at")
+    assert seen["recipe"].adversarial_epsilon == pytest.approx(4 / 255) and seen["recipe"].adversarial_steps == 2
+    assert get_defense("adv-training").adversarial_steps == 10  # the registered row keeps PGD-10
+
+
+def test_border_despeckle_jpeg_defense_is_the_library_transforms():
+    # The bench's border-despeckle-jpeg row is what a user builds from the library (docs/usage.md): RepairBorder,
+    # Despeckle at 64/255 and JPEGCompression(20) once, then CorruptionCompensation(0.4, sigma=0) every epoch.
+    from eclipse_transforms import CorruptionCompensation, Despeckle, JPEGCompression, RepairBorder
+
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x[:, :, 5, 7] = 255  # an outlier pixel the despeckle takes and JPEG alone would smear
+    defense = get_defense("border-despeckle-jpeg")
+    squeezed = defense.prepare(x, None)
+    assert torch.equal(squeezed, JPEGCompression(20)(Despeckle(64 / 255)(RepairBorder()(x))))
+    assert not torch.equal(squeezed, jpeg(x, 20)) and not torch.equal(squeezed, jpeg(RepairBorder()(x), 20))
+    batch = squeezed.float() / 255
+    ours = defense.epoch_transform(batch, torch.Generator().manual_seed(3))
+    theirs = CorruptionCompensation(0.4, sigma=0.0).compensate(batch, torch.Generator().manual_seed(3))
+    assert torch.equal(ours, theirs)
+    assert defense.options == {"ring": 1, "threshold": 64, "quality": 20, "p_gray": 0.4}
 
 
 def test_models_shapes_and_sizes():

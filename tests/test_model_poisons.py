@@ -231,6 +231,14 @@ def test_adp_models_the_prefilter_stages(data, tiny_folder):
     assert (adp(images, labels, config=no_denoiser, progress=False).int() - images.int()).abs().max() <= 8
     with pytest.raises(ValueError, match="jpeg_quality"):
         ADPConfig(jpeg_quality=101)
+    # The border repair and a milder despeckle (the bench's border-despeckle-jpeg) are keyed only when set.
+    border = dataclasses.replace(no_denoiser, repair_border=True, despeckle_threshold=64)
+    assert border.to_dict()["repair_border"] is True and border.to_dict()["despeckle_threshold"] == 64
+    crafted = adp(images, labels, config=border, progress=False)
+    assert (crafted.int() - images.int()).abs().max() <= 8
+    assert not torch.equal(crafted, adp(images, labels, config=no_denoiser, progress=False))
+    with pytest.raises(ValueError, match="despeckle_threshold"):
+        ADPConfig(despeckle_threshold=300)
 
 
 def test_straight_through_jpeg_passes_the_gradient():

@@ -2,7 +2,7 @@
 
 ``adp`` attacks ECLIPSE as shipped; ``adp[despeckle=true,jpeg_quality=20,diffusion=false,compensation=false]``
 attacks despeckle-then-JPEG (JPEG through a straight-through estimator), and the settings combine for other
-recipes of the same stages.
+recipes of the same stages (``repair_border=true,despeckle_threshold=64``: the bench's ``border-despeckle-jpeg``).
 
 The attacker knows the denoiser and the compensation, and runs EM's min-min (:mod:`.em`) with the surrogate
 looking at ``C(purify(x + δ))`` instead of ``x + δ``: every signed step on ``δ`` backpropagates through the
@@ -56,17 +56,33 @@ class ADPConfig:
     jpeg_quality: int = 0
     diffusion: bool = True  # False: a defense without the denoiser (e.g. despeckle then JPEG)
     compensation: bool = True
+    # Before the despeckle: the outer ring from the ring inside it (RepairBorder; a copy, so the gradient flows to
+    # the copied pixels); and the despeckle's threshold in uint8 levels.
+    repair_border: bool = False
+    despeckle_threshold: int = 32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if not 0 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], or 0 for no JPEG; got {self.jpeg_quality}.")
+        if not 0 <= self.despeckle_threshold <= 255:
+            raise ValueError(
+                f"despeckle_threshold must be in [0, 255] (uint8 levels); got {self.despeckle_threshold}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["em"] = self.em.to_dict()
         # Settings added after ADP was first crafted are keyed only when changed, so earlier keys stay valid.
-        for name, default in (("despeckle", False), ("jpeg_quality", 0), ("diffusion", True), ("compensation", True)):
+        later = (
+            ("despeckle", False),
+            ("jpeg_quality", 0),
+            ("diffusion", True),
+            ("compensation", True),
+            ("repair_border", False),
+            ("despeckle_threshold", 32),
+        )
+        for name, default in later:
             if d[name] == default:
                 del d[name]
         return d
@@ -104,8 +120,10 @@ def adp(
     denoiser = freeze(load_denoiser(config.weights, device=device, dtype=config.dtype))
 
     def through_defense(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if config.repair_border:
+            x = EF.repair_border(x)
         if config.despeckle:
-            x = EF.despeckle(x)
+            x = EF.despeckle(x, threshold=config.despeckle_threshold / 255)
         if config.jpeg_quality:
             x = _straight_through_jpeg(x, config.jpeg_quality)
         purified = (

@@ -315,7 +315,9 @@ class _Run:
         recipe = self.recipe
         work = self.cache / "training" / key  # the training's per-epoch state: an interrupted cell resumes
         if defense.adversarial_epsilon:
-            recipe = dataclasses.replace(recipe, adversarial_epsilon=defense.adversarial_epsilon)
+            recipe = dataclasses.replace(
+                recipe, adversarial_epsilon=defense.adversarial_epsilon, adversarial_steps=defense.adversarial_steps
+            )
         result = train_classifier(
             images,
             self.labels,
