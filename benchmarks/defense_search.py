@@ -48,6 +48,8 @@ Candidates (``--list`` prints them):
   squeezed and grayscaled images; 3x the training cost): the squeeze takes the poisons an attacker did not craft
   through it, and the adversarial training is there for the one who did (the ADP through the recipe, whose
   noise lives in what JPEG q20 keeps).
+* ``border-despeckle-jpeg-at{2,4}``: the bench's ``border-despeckle-jpeg`` trained adversarially (PGD, L∞ 2/255
+  with 1 step, or 4/255 with 2 steps): the same question at the cheaper end.
 * ``class-equalize``: against CUDA's class-wise kernels, a blind deconvolution per class, once: every image is
   filtered with the zero-phase gain that brings its class's mean amplitude spectrum to the classes' geometric
   mean (gain clipped to [1/4, 4]), after its outermost pixel ring is replaced by the ring inside it (a
@@ -83,7 +85,7 @@ import torch
 
 from eclipse_transforms import cli
 from eclipse_transforms import functional as EF
-from eclipse_transforms.bench import Defense, register_defense
+from eclipse_transforms.bench import Defense, get_defense, register_defense
 from eclipse_transforms.bench.defenses import DefenseContext, compensation, jpeg, purified
 from eclipse_transforms.bench.poisons import cuda_kernels, num_classes
 from eclipse_transforms.purify import DEFAULT_STEPS
@@ -420,6 +422,22 @@ def _border_despeckle_jpeg_gray_at(context: DefenseContext) -> Defense:
         adversarial_steps=2,
         options={"ring": 1, "threshold": 32, "quality": 20, "p_gray": 0.4, "pgd": "Linf 4/255, 2 steps"},
     )
+
+
+for _epsilon, _steps in ((2, 1), (4, 2)):
+
+    def _squeeze_at_factory(context: DefenseContext, epsilon: int = _epsilon, steps: int = _steps) -> Defense:
+        recipe = get_defense("border-despeckle-jpeg", context)
+        return Defense(
+            f"border-despeckle-jpeg-at{epsilon}",
+            prepare=recipe.prepare,
+            epoch_transform=recipe.epoch_transform,
+            adversarial_epsilon=epsilon / 255,
+            adversarial_steps=steps,
+            options={**recipe.options, "pgd": f"Linf {epsilon}/255, {steps} steps"},
+        )
+
+    candidate(f"border-despeckle-jpeg-at{_epsilon}")(_squeeze_at_factory)
 
 
 @candidate("class-equalize")

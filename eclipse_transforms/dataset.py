@@ -180,6 +180,8 @@ class PurifiedDataset(Dataset):
         }
         if purify.prefilter is not None:  # absent otherwise, so that earlier entries keep their keys
             meta["prefilter"] = repr(purify.prefilter)
+        if not purify.diffusion:  # likewise: only the prefilter's output is cached
+            meta["diffusion"] = False
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
         self.cache_root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
         self.cache_path = self.cache_root / key

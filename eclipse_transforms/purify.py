@@ -42,6 +42,10 @@ class EclipsePurify(DiffusionTransform):
         prefilter: an optional deterministic transform applied before the diffusion, e.g. :class:`Despeckle`
             against the one-pixel shortcut, or ``v2.Compose([Despeckle(), JPEGCompression(10)])``. It runs inside
             :meth:`purify_batch`, so :class:`PurifiedDataset` caches its output and keys the cache by its ``repr``.
+        diffusion: ``False`` skips stages 1 and 2: the prefilter's output is what is cached, and the compensation
+            is still drawn on every call. With ``prefilter=v2.Compose([RepairBorder(), Despeckle(64 / 255),
+            JPEGCompression(20)])`` and ``CorruptionCompensation(0.4, sigma=0.0)`` this is the bench's
+            ``border-despeckle-jpeg``, the defense search's best recipe (docs/usage.md).
         seed: int for reproducible purification (a function of each image and the seed; the compensation stays
             random, from torch's global RNG), ``None`` for fresh noise on every call.
         revision: Hub revision when ``denoiser`` is a repo id; pin a commit for reproducibility.
@@ -68,10 +72,14 @@ class EclipsePurify(DiffusionTransform):
         steps: int | None = DEFAULT_STEPS,
         compensation: CorruptionCompensation | None = CorruptionCompensation(),  # noqa: B008 - immutable settings
         prefilter: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        diffusion: bool = True,
         seed: int | None = None,
         revision: str | None = None,
     ) -> None:
         super().__init__(denoiser, t_star=t_star, seed=seed, revision=revision)
+        if not isinstance(diffusion, bool):
+            raise TypeError(f"diffusion must be True or False, got {diffusion!r} ({type(diffusion).__name__}).")
+        self.diffusion = diffusion
         if prefilter is not None and not callable(prefilter):
             raise TypeError(f"prefilter must be a transform (callable) or None, got {type(prefilter).__name__}.")
         self.prefilter = prefilter
@@ -114,6 +122,8 @@ class EclipsePurify(DiffusionTransform):
         if self.prefilter is not None:
             x = self.prefilter(x)
         x = x.to(self.denoiser.device)
+        if not self.diffusion:
+            return x
         return EF.purify(x, self.denoiser, self.t_star, steps=self.steps, generator=generator)
 
     def _apply_batch(self, x: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
@@ -125,4 +135,5 @@ class EclipsePurify(DiffusionTransform):
     def extra_repr(self) -> str:
         comp = "None" if self.compensation is None else repr(self.compensation)
         pre = "" if self.prefilter is None else f", prefilter={self.prefilter!r}"
-        return f"{super().extra_repr()}{pre}, compensation={comp}"
+        off = "" if self.diffusion else ", diffusion=False"
+        return f"{super().extra_repr()}{pre}{off}, compensation={comp}"

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from eclipse_transforms import Despeckle, EclipsePurify, JPEGCompression, PurifiedDataset
+from eclipse_transforms import Despeckle, EclipsePurify, JPEGCompression, PurifiedDataset, RepairBorder
 from eclipse_transforms import functional as EF
 
 from .conftest import H, W, make_tiny_denoiser
@@ -106,6 +106,57 @@ def test_the_prefilter_runs_before_the_diffusion_and_is_cached(purify, tmp_path)
     assert "JPEGCompression(quality=10)" in repr(filtered)
     with pytest.raises(TypeError, match="prefilter"):
         EclipsePurify(purify.denoiser, t_star=10, prefilter="jpeg")
+
+
+class CountingSqueeze:
+    """A deterministic one-time stage (repair the border, then JPEG q20) that counts the images it sees."""
+
+    images = 0
+
+    def __call__(self, x):
+        type(self).images += len(x)
+        return JPEGCompression(20)(RepairBorder()(x))
+
+    def __repr__(self) -> str:
+        return "CountingSqueeze()"
+
+
+def test_without_diffusion_the_one_time_stages_are_cached_and_the_grayscale_redrawn(purify, tmp_path):
+    # The defense search's recipe in the dataset's shape: squeeze once (cached), grayscale on every access.
+    from eclipse_transforms import CorruptionCompensation
+
+    data = ToyDataset()
+    CountingSqueeze.images = 0
+    squeeze = CountingPurify(
+        purify.denoiser,
+        t_star=10,
+        steps=2,
+        prefilter=CountingSqueeze(),
+        diffusion=False,
+        compensation=CorruptionCompensation(0.4, sigma=0.0),
+        seed=0,
+    )
+    ds = build(squeeze, tmp_path, dataset=data)
+    assert CountingSqueeze.images == 10  # every image squeezed once, in the build
+    expected = JPEGCompression(20)(RepairBorder()((torch.stack(data.images) * 255).round().to(torch.uint8)))
+    cached = torch.stack([ds.purified(i) for i in range(10)])
+    # the same squeeze on the float images the dataset reads, up to the uint8 rounding of the float input
+    assert (cached.int() - expected.int()).abs().max() <= 1
+    assert not torch.equal(cached, build(purify, tmp_path, dataset=data).purified(0).expand_as(cached))
+    torch.manual_seed(0)
+    items = torch.stack([ds[i][0] for i in range(10) for _ in range(4)])
+    assert CountingSqueeze.images == 10  # reading does not squeeze again
+    gray = (items.amax(1) - items.amin(1)).flatten(1).amax(1) == 0
+    assert gray.any() and not gray.all()  # p = 0.4, redrawn per access
+    colour = torch.stack([ds.purified(i) for i in range(10) for _ in range(4)]).float() / 255
+    torch.testing.assert_close(items[~gray], colour[~gray])  # sigma = 0: untouched but for the grayscale
+    again = build(squeeze, tmp_path, dataset=data)
+    assert CountingSqueeze.images == 10 and again.cache_path == ds.cache_path  # the second construction reads
+    with_diffusion = CountingPurify(purify.denoiser, prefilter=CountingSqueeze(), seed=0, t_star=10, steps=2)
+    assert build(with_diffusion, tmp_path, dataset=data).cache_path != ds.cache_path
+    assert "diffusion=False" in repr(squeeze)
+    with pytest.raises(TypeError, match="diffusion must be True or False"):
+        EclipsePurify(purify.denoiser, t_star=10, diffusion="no")
 
 
 def test_second_construction_reads_the_cache(purify, tmp_path):

@@ -9,8 +9,11 @@ from torchvision.transforms import v2
 
 from eclipse_transforms import (
     CorruptionCompensation,
+    Despeckle,
     EclipsePurify,
     ForwardDiffusion,
+    JPEGCompression,
+    RepairBorder,
     ReverseDiffusion,
 )
 
@@ -31,6 +34,19 @@ def test_eclipse_purify_contract(tiny, image):
 
 def test_eclipse_purify_with_compensation_contract(tiny, image):
     check_transform(EclipsePurify(tiny, t_star=10, steps=2, seed=0), image, deterministic=False)
+
+
+def test_eclipse_purify_without_diffusion_contract(tiny, image):
+    squeeze = v2.Compose([RepairBorder(), Despeckle(64 / 255), JPEGCompression(20)])
+    check_transform(
+        EclipsePurify(tiny, t_star=10, prefilter=squeeze, diffusion=False, compensation=None, seed=0),
+        image,
+        deterministic=True,
+    )
+    x = (image * 255).round().to(torch.uint8)
+    assert torch.equal(
+        EclipsePurify(tiny, t_star=10, prefilter=squeeze, diffusion=False, compensation=None)(x), squeeze(x)
+    )
 
 
 def test_forward_diffusion_contract(tiny, image):
