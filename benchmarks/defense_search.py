@@ -83,7 +83,7 @@ from pathlib import Path
 
 import torch
 
-from eclipse_transforms import cli
+from eclipse_transforms import RepairBorder, cli
 from eclipse_transforms import functional as EF
 from eclipse_transforms.bench import Defense, get_defense, register_defense
 from eclipse_transforms.bench.defenses import DefenseContext, compensation, jpeg, purified
@@ -326,10 +326,7 @@ for _threshold in (48, 64):
     candidate(f"despeckle{_threshold}-jpeg-q20")(_despeckle_t_jpeg_factory)
 
 
-def repair_border(x: torch.Tensor) -> torch.Tensor:
-    """Replace the outermost ring of pixels of ``(N, C, H, W)`` by the ring inside it (edge-replicated)."""
-    inner = x[..., 1:-1, 1:-1]
-    return torch.nn.functional.pad(inner.float(), (1, 1, 1, 1), mode="replicate").to(x.dtype)
+repair_border = RepairBorder()  # the outermost pixel ring from the ring inside it; uint8 in, uint8 out
 
 
 def class_equalize(x: torch.Tensor, y: torch.Tensor, max_gain: float = 4.0, border: bool = True) -> torch.Tensor:
@@ -412,32 +409,30 @@ def _border_despeckle_jpeg_gray(context: DefenseContext) -> Defense:
     )
 
 
-@candidate("border-despeckle-jpeg-q20-gray-at4")
-def _border_despeckle_jpeg_gray_at(context: DefenseContext) -> Defense:
-    return Defense(
-        "border-despeckle-jpeg-q20-gray-at4",
-        prepare=lambda x, y: jpeg(despeckle(repair_border(x)), 20),
-        epoch_transform=compensation(p_gray=0.4, sigma=0.0),
-        adversarial_epsilon=4 / 255,
-        adversarial_steps=2,
-        options={"ring": 1, "threshold": 32, "quality": 20, "p_gray": 0.4, "pgd": "Linf 4/255, 2 steps"},
-    )
+def with_pgd(base: str, name: str, epsilon: int, steps: int):
+    """A factory for defense ``base`` trained adversarially: PGD in an L∞ ball of ``epsilon``/255, ``steps`` steps."""
 
-
-for _epsilon, _steps in ((2, 1), (4, 2)):
-
-    def _squeeze_at_factory(context: DefenseContext, epsilon: int = _epsilon, steps: int = _steps) -> Defense:
-        recipe = get_defense("border-despeckle-jpeg", context)
-        return Defense(
-            f"border-despeckle-jpeg-at{epsilon}",
-            prepare=recipe.prepare,
-            epoch_transform=recipe.epoch_transform,
+    def factory(context: DefenseContext) -> Defense:
+        defense = get_defense(base, context)
+        pgd = {"pgd": f"Linf {epsilon}/255, {steps} steps"}
+        return replace(
+            defense,
+            name=name,
             adversarial_epsilon=epsilon / 255,
             adversarial_steps=steps,
-            options={**recipe.options, "pgd": f"Linf {epsilon}/255, {steps} steps"},
+            options={**defense.options, **pgd},
         )
 
-    candidate(f"border-despeckle-jpeg-at{_epsilon}")(_squeeze_at_factory)
+    return factory
+
+
+candidate("border-despeckle-jpeg-q20-gray-at4")(
+    with_pgd("border-despeckle-jpeg-q20-gray", "border-despeckle-jpeg-q20-gray-at4", 4, 2)
+)
+for _epsilon, _steps in ((2, 1), (4, 2)):
+    candidate(f"border-despeckle-jpeg-at{_epsilon}")(
+        with_pgd("border-despeckle-jpeg", f"border-despeckle-jpeg-at{_epsilon}", _epsilon, _steps)
+    )
 
 
 @candidate("class-equalize")
