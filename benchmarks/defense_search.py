@@ -70,6 +70,9 @@ Candidates (``--list`` prints them):
   did nothing, 32.6: the border still told the class.)
 * ``border-despeckle-jpeg-q20-gray``: the same, then every epoch grayscale with probability 0.4 (ECLIPSE's
   compensation without its Gaussian noise): grayscale alone takes LSP (``iss-gray``: 76.4 on the quick tier).
+* ``border-despeckle-jpeg-eclipse``: the bench's ``border-despeckle-jpeg`` (border, despeckle at 64/255, JPEG
+  q20), then ECLIPSE's diffusion (t* of the run, 4 steps) once, then the grayscale every epoch: JPEG then ECLIPSE
+  at q10 gave clean data 71.0 where JPEG q10 alone gives 69.1; does the denoiser give back as much at q20?
 * ``cuda-oracle-deconvolve`` / ``cuda-oracle-deconvolve-displace-0.8``: diagnostics, not defenses: every class
   Wiener-deconvolved with the true kernel of the bench's CUDA set (seed 0), alone or before COIN's displacement.
 """
@@ -406,6 +409,25 @@ def _border_despeckle_jpeg_gray(context: DefenseContext) -> Defense:
         prepare=lambda x, y: jpeg(despeckle(repair_border(x)), 20),
         epoch_transform=compensation(p_gray=0.4, sigma=0.0),
         options={"ring": 1, "threshold": 32, "quality": 20, "p_gray": 0.4},
+    )
+
+
+@candidate("border-despeckle-jpeg-eclipse")
+def _border_despeckle_jpeg_eclipse(context: DefenseContext) -> Defense:
+    """The bench's ``border-despeckle-jpeg``, then ECLIPSE's noise-and-denoise on its output (cached once): does the
+    sparse-set denoiser give back some of what JPEG took from clean images?"""
+    return Defense(
+        "border-despeckle-jpeg-eclipse",
+        prepare=lambda x, y: purified(jpeg(despeckle(repair_border(x), 64), 20), y, context, DEFAULT_STEPS),
+        epoch_transform=compensation(p_gray=0.4, sigma=0.0),
+        options={
+            "ring": 1,
+            "threshold": 64,
+            "quality": 20,
+            "t_star": context.t_star,
+            "steps": DEFAULT_STEPS,
+            "p_gray": 0.4,
+        },
     )
 
 

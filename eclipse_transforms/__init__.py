@@ -1,6 +1,7 @@
-"""eclipse-transforms: purify clean-label availability poisons with sparse diffusion purification (ECLIPSE).
+"""eclipse-transforms: strip clean-label availability poisons: the squeeze, and diffusion purification (ECLIPSE).
 
-The public surface: :class:`EclipsePurify` (the three stages as one torchvision transform), the stages
+The public surface: :class:`EclipsePurify` (a recipe's stages as one torchvision transform: ``recipe="squeeze"``,
+the default, or ``recipe="eclipse"``; :data:`RECIPES`), the stages
 :class:`ForwardDiffusion`, :class:`ReverseDiffusion` and :class:`CorruptionCompensation`, the squeezes
 :class:`Despeckle` (one-pixel shortcut), :class:`RepairBorder` (a zero-padded convolution's border) and
 :class:`JPEGCompression` (deterministic: before the cache, or ``EclipsePurify(prefilter=...)``), the cached
@@ -14,7 +15,7 @@ from .denoiser import Denoiser, load_denoiser
 from .despeckle import Despeckle
 from .forward_diffusion import ForwardDiffusion
 from .jpeg_compression import JPEGCompression
-from .purify import DEFAULT_STEPS, EclipsePurify
+from .purify import DEFAULT_STEPS, RECIPES, EclipsePurify
 from .repair_border import RepairBorder
 from .reverse_diffusion import ReverseDiffusion
 
@@ -31,4 +32,5 @@ __all__ = [
     "Denoiser",
     "load_denoiser",
     "DEFAULT_STEPS",
+    "RECIPES",
 ]

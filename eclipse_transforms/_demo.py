@@ -15,10 +15,9 @@ import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as F
 from torchvision.utils import make_grid
 
-from . import functional as EF
 from ._data import load_image_set
 from ._images import check_int, index_generators
-from .purify import EclipsePurify
+from .purify import EclipsePurify, recipe_settings
 
 __all__ = ["generated_images", "run_demo"]
 
@@ -44,6 +43,22 @@ def generated_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return F.gaussian_blur(x, [3, 3], [0.6, 0.6]).clamp(0, 1)
 
 
+def _settings(purify: EclipsePurify) -> str:
+    """What the demo ran, in a line: the recipe, and the diffusion's settings where it runs one."""
+    if not purify.diffusion:
+        return f"recipe={purify.recipe}, prefilter={' -> '.join(map(repr, _stages(purify.prefilter)))}, no diffusion"
+    dtype = purify.denoiser.dtype
+    return (
+        f"recipe={purify.recipe}, t_star={purify.t_star}, steps={purify.steps or purify.t_star}, "
+        f"weights={purify.denoiser.source}"
+        + ("" if dtype == torch.float32 else f", dtype={str(dtype).removeprefix('torch.')}")
+    )
+
+
+def _stages(prefilter) -> list:
+    return list(getattr(prefilter, "transforms", [prefilter] if prefilter is not None else []))
+
+
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = (a - b).pow(2).mean().item()
     return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
@@ -60,7 +75,8 @@ def run_demo(
     """Poison images with class-wise random noise (L∞ ``epsilon``), purify them, and report what survives.
 
     Returns the printed summary: PSNRs, the poison's L2 energy, the L2 of the poison's residue after purification
-    (``purify(poisoned) - purify(clean)`` with the same noise), throughput, and where the grid went.
+    (``purify(poisoned) - purify(clean)`` with the same noise), the share of the poison's pattern in that residue
+    (its projection on the poison), throughput, and where the grid went.
     """
     num_images = check_int(num_images, "num_images", minimum=1)
     size = 32 if purify.denoiser.unet.config.sample_size is None else int(purify.denoiser.unet.config.sample_size)
@@ -83,7 +99,10 @@ def run_demo(
     t0 = time.perf_counter()
     purified = purify.purify_batch(poisoned, gens()).cpu()
     seconds = time.perf_counter() - t0
-    compensated = EF.corruption_compensation(purified, generator=torch.Generator().manual_seed(2))
+    compensation = (
+        recipe_settings(purify.recipe)["compensation"] if purify.compensation is None else purify.compensation
+    )
+    compensated = compensation.compensate(purified, generator=torch.Generator().manual_seed(2))
 
     rows = [
         clean,
@@ -99,19 +118,20 @@ def run_demo(
     F.to_pil_image(grid).save(path)
 
     poison_l2 = (poisoned - clean).flatten(1).norm(dim=1).mean().item()
-    residue_l2 = (purified - purified_clean).flatten(1).norm(dim=1).mean().item()
+    residue = (purified - purified_clean).flatten(1)
+    residue_l2 = residue.norm(dim=1).mean().item()
+    # The share of the poison's pattern still in the residue (its projection on the poison): JPEG changes a
+    # poisoned image's blocks in ways that have nothing to do with the poison, which the residue's L2 counts too.
+    delta = (poisoned - clean).flatten(1)
+    kept = ((residue * delta).sum(1) / delta.pow(2).sum(1).clamp_min(1e-12)).mean().item()
     return {
         "images": f"{len(clean)} x {tuple(clean.shape[1:])} from {source}",
-        "settings": f"t_star={purify.t_star}, steps={purify.steps or purify.t_star}, weights={purify.denoiser.source}"
-        + (
-            ""
-            if purify.denoiser.dtype == torch.float32
-            else f", dtype={str(purify.denoiser.dtype).removeprefix('torch.')}"
-        ),
+        "settings": _settings(purify),
         "PSNR poisoned vs clean": f"{_psnr(poisoned, clean):.2f} dB",
         "PSNR purified vs clean": f"{_psnr(purified, clean):.2f} dB",
         "poison L2 per image": f"{poison_l2:.3f}",
-        "poison residue L2 after purification": f"{residue_l2:.3f} ({100 * residue_l2 / poison_l2:.1f}% of the poison)",
+        "poison residue L2 after purification": f"{residue_l2:.3f} ({100 * residue_l2 / poison_l2:.1f}% of the poison's)",
+        "poison pattern kept (the residue projected on the poison)": f"{100 * kept:.1f}%",
         "purification speed": f"{len(clean) / seconds:.1f} images/s on {purify.denoiser.device} (one warm batch of "
         f"{len(clean)}; larger batches are faster, see benchmarks/bench_throughput.py)",
         "grid (rows: clean, poisoned, poison x16, purified, residue x16, compensated)": str(path),

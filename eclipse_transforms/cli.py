@@ -20,16 +20,27 @@ from collections.abc import Callable
 __all__ = ["main"]
 
 
+# The options that set the diffusion, which the squeeze recipe does not run.
+_DIFFUSION_OPTIONS = ("weights", "revision", "t_star", "steps", "dtype")
+
+
 def _add_purify_options(p: argparse.ArgumentParser) -> None:
     from .denoiser import DTYPES
-    from .purify import DEFAULT_STEPS
+    from .purify import DEFAULT_RECIPE, DEFAULT_STEPS, RECIPES
 
+    p.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default=DEFAULT_RECIPE,
+        help=f"squeeze: border repair, despeckle, JPEG q20 (the bench's best); eclipse: the paper's diffusion "
+        f"(default: {DEFAULT_RECIPE}); the options below up to --dtype need --recipe eclipse",
+    )
     p.add_argument("--weights", default=None, help="denoiser folder or Hub repo id (default: bundled CIFAR-10)")
     p.add_argument("--revision", default=None, help="Hub revision of --weights")
-    p.add_argument("--t-star", type=int, default=100, help="diffusion time t* (default: 100, the paper's)")
+    p.add_argument("--t-star", type=int, default=None, help="diffusion time t* (default: 100, the paper's)")
     p.add_argument(
         "--steps",
-        default=str(DEFAULT_STEPS),
+        default=None,
         help=f"reverse steps; 'paper' for t* ancestral steps (default: {DEFAULT_STEPS})",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the purification noise (default: 0)")
@@ -74,17 +85,24 @@ def _steps(value: str) -> int | None:
         raise SystemExit(f"--steps must be an int or 'paper', got {value!r}.") from None
 
 
-def _make_purify(args: argparse.Namespace, compensation: bool = False):
-    from . import CorruptionCompensation, EclipsePurify, load_denoiser
+def _make_purify(args: argparse.Namespace):
+    """The command's ``EclipsePurify``, without its per-access compensation (the commands write purified images)."""
+    from . import EclipsePurify, load_denoiser
 
+    if args.recipe != "eclipse":
+        given = [f"--{name.replace('_', '-')}" for name in _DIFFUSION_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise SystemExit(
+                f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the diffusion, which --recipe "
+                f"{args.recipe} does not run; add --recipe eclipse."
+            )
+        purify = EclipsePurify(recipe=args.recipe, seed=args.seed, compensation=None)
+        return purify if args.device is None else purify.to(args.device)
     den = load_denoiser(args.weights, revision=args.revision, device=args.device, dtype=args.dtype)
-    return EclipsePurify(
-        den,
-        t_star=args.t_star,
-        steps=_steps(args.steps),
-        seed=args.seed,
-        compensation=CorruptionCompensation() if compensation else None,
-    )
+    settings = {} if args.t_star is None else {"t_star": args.t_star}
+    if args.steps is not None:
+        settings["steps"] = _steps(args.steps)
+    return EclipsePurify(den, recipe="eclipse", seed=args.seed, compensation=None, **settings)
 
 
 def _start_distributed(args: argparse.Namespace) -> int | None:

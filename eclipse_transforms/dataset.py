@@ -352,11 +352,19 @@ class PurifiedDataset(Dataset):
         state["purify"] = None
         return state
 
+    def _purification(self) -> str:
+        """What the cache holds, from its key: the prefilter, then the diffusion's settings where it ran."""
+        meta = self._store.meta
+        stages = [meta["prefilter"]] if "prefilter" in meta else []
+        if meta.get("diffusion", True):
+            stages.append(f"diffusion (t_star={meta['t_star']}, steps={meta['steps']}, seed={self.seed})")
+        return " -> ".join(stages) if stages else "nothing"
+
     def __repr__(self) -> str:
         done = len(self._store.checksums)
         lines = [
             f"dataset: {type(self.dataset).__name__} ({len(self)} items, images {tuple(self.image_shape)})",
-            f"t_star={self._store.meta['t_star']}, steps={self._store.meta['steps']}, seed={self.seed}",
+            f"purified once: {self._purification()}",
             f"compensation: {self.compensation!r}",
             f"cache: {self.cache_path} ({done}/{self._store.num_shards} shards)",
         ]

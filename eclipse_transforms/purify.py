@@ -7,45 +7,96 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torchvision.transforms import v2
 
 from . import functional as EF
 from ._base import DiffusionTransform
 from ._images import check_channels, content_generators
 from .corruption_compensation import CorruptionCompensation
+from .despeckle import Despeckle
 from .forward_diffusion import ForwardDiffusion
+from .jpeg_compression import JPEGCompression
+from .repair_border import RepairBorder
 from .reverse_diffusion import ReverseDiffusion
 
-__all__ = ["EclipsePurify", "DEFAULT_STEPS"]
+__all__ = ["EclipsePurify", "DEFAULT_STEPS", "DEFAULT_RECIPE", "RECIPES", "recipe_settings"]
 
 # Reverse steps of the default setting. The paper's sampler is steps=None (t_star ancestral steps). Four respaced
 # ancestral steps leave as much of a perturbation as the paper's 100 (benchmarks/poison_residue.py: 47.2 % vs
 # 46.8 % of uniform 8/255 noise, 91.3 % vs 91.3 % of 8x8-patch noise) at 27x its speed; see docs/poisons.md.
 DEFAULT_STEPS = 4
 
+#: What ``EclipsePurify(recipe=...)`` accepts. ``"squeeze"``: the bench's ``border-despeckle-jpeg``, its best
+#: defense (docs/bench.md); ``"eclipse"``: the paper's three stages.
+RECIPES = ("squeeze", "eclipse")
+DEFAULT_RECIPE = "squeeze"
+
+
+class _RecipeDefault:
+    """The default of a setting that the recipe decides (a sentinel, so that a value the user passed is known)."""
+
+    def __repr__(self) -> str:
+        return "<recipe's>"
+
+
+_RECIPE = _RecipeDefault()
+
+
+def recipe_settings(recipe: str) -> dict[str, Any]:
+    """The ``prefilter``, ``diffusion`` and ``compensation`` a recipe of :data:`RECIPES` stands for (new objects on
+    every call).
+
+    * ``"squeeze"``: :class:`RepairBorder`, :class:`Despeckle` at 64/255 and :class:`JPEGCompression` at quality 20,
+      once (cached by :class:`PurifiedDataset`); no diffusion; grayscale with probability 0.4 on every access
+      (``CorruptionCompensation(0.4, sigma=0.0)``).
+    * ``"eclipse"``: no prefilter; forward and reverse diffusion to ``t_star``; ``CorruptionCompensation()``
+      (grayscale p = 0.4 and Gaussian noise σ = 0.05), as in the paper.
+    """
+    if recipe == "eclipse":
+        return {"prefilter": None, "diffusion": True, "compensation": CorruptionCompensation()}
+    if recipe == "squeeze":
+        return {
+            "prefilter": v2.Compose([RepairBorder(), Despeckle(64 / 255), JPEGCompression(20)]),
+            "diffusion": False,
+            "compensation": CorruptionCompensation(0.4, sigma=0.0),
+        }
+    raise ValueError(f"recipe must be one of {', '.join(map(repr, RECIPES))}, got {recipe!r}.")
+
 
 class EclipsePurify(DiffusionTransform):
-    """Purify images of clean-label availability poisons: noise, denoise, then compensate (ECLIPSE).
+    """Purify images of clean-label availability poisons: a one-time purification, then a per-call compensation.
 
-    Calling the transform runs all three stages on the image leaves of its input: forward diffusion to
-    ``t_star`` (:class:`ForwardDiffusion`), the reverse DDPM with the sparse-set denoiser
-    (:class:`ReverseDiffusion`), then ``compensation`` (:class:`CorruptionCompensation`, fresh on every call).
+    The ``recipe`` picks the stages (:func:`recipe_settings`); ``prefilter``, ``diffusion`` and ``compensation``
+    override it one by one.
+
+    * ``"squeeze"`` (the default, the bench's best defense, ``border-despeckle-jpeg`` in docs/bench.md): repair the
+      outer pixel ring (:class:`RepairBorder`), take isolated outlier pixels to their 3x3 median
+      (:class:`Despeckle` at 64/255) and compress with JPEG at quality 20 (:class:`JPEGCompression`), then
+      grayscale with probability 0.4 on every call. No diffusion: the denoiser is not used, and about 100x faster.
+    * ``"eclipse"``: the paper's stages: forward diffusion to ``t_star`` (:class:`ForwardDiffusion`), the reverse
+      DDPM with the sparse-set denoiser (:class:`ReverseDiffusion`), then :class:`CorruptionCompensation`
+      (grayscale p = 0.4 and Gaussian noise σ = 0.05, fresh on every call).
+
     A batch ``(N, 3, H, W)`` is purified as one batch, which is much faster than N single images. To purify a
     dataset once and cache it, wrap it in :class:`~eclipse_transforms.PurifiedDataset` with this transform.
 
     Args:
         denoiser: a :class:`~eclipse_transforms.Denoiser`, a folder or Hub repo id, or ``None`` for the bundled
             CIFAR-10 weights.
-        t_star: diffusion time in ``[1, min(T, t_max)]``; paper: 100 (of T = 4000, cosine schedule).
+        recipe: ``"squeeze"`` or ``"eclipse"`` (:data:`RECIPES`). Passing ``denoiser``, ``t_star``, ``steps`` or
+            ``revision`` to a recipe without diffusion is an error, not silently ignored: pass
+            ``recipe="eclipse"`` (or ``diffusion=True`` to add the diffusion after the squeeze).
+        t_star: diffusion time in ``[1, min(T, t_max)]``; paper: 100 (of T = 4000, cosine schedule). Default 100.
         steps: reverse steps; ``None`` for the paper's ``t_star``-step ancestral sampler, 1 for the one-step
             ``x_0`` estimate. Default :data:`DEFAULT_STEPS`.
-        compensation: the stage-3 transform, or ``None`` to return purified images without it.
-        prefilter: an optional deterministic transform applied before the diffusion, e.g. :class:`Despeckle`
-            against the one-pixel shortcut, or ``v2.Compose([Despeckle(), JPEGCompression(10)])``. It runs inside
-            :meth:`purify_batch`, so :class:`PurifiedDataset` caches its output and keys the cache by its ``repr``.
+        compensation: the per-call transform, or ``None`` to return purified images without it. Default: the
+            recipe's.
+        prefilter: a deterministic transform applied before the diffusion (if any), e.g. :class:`Despeckle`
+            against the one-pixel shortcut, or ``v2.Compose([Despeckle(), JPEGCompression(10)])``, or ``None``. It
+            runs inside :meth:`purify_batch`, so :class:`PurifiedDataset` caches its output and keys the cache by
+            its ``repr``. Default: the recipe's.
         diffusion: ``False`` skips stages 1 and 2: the prefilter's output is what is cached, and the compensation
-            is still drawn on every call. With ``prefilter=v2.Compose([RepairBorder(), Despeckle(64 / 255),
-            JPEGCompression(20)])`` and ``CorruptionCompensation(0.4, sigma=0.0)`` this is the bench's
-            ``border-despeckle-jpeg``, the defense search's best recipe (docs/usage.md).
+            is still drawn on every call. Default: the recipe's.
         seed: int for reproducible purification (a function of each image and the seed; the compensation stays
             random, from torch's global RNG), ``None`` for fresh noise on every call.
         revision: Hub revision when ``denoiser`` is a repo id; pin a commit for reproducibility.
@@ -57,25 +108,50 @@ class EclipsePurify(DiffusionTransform):
 
     Example:
         >>> from torchvision.transforms import v2
-        >>> purify = EclipsePurify(seed=0)  # the bundled CIFAR-10 weights
+        >>> purify = EclipsePurify()  # the squeeze
         >>> tf = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), purify])
         >>> out = purify(torch.rand(4, 3, 32, 32))
         >>> out.shape, out.dtype
         (torch.Size([4, 3, 32, 32]), torch.float32)
+        >>> paper = EclipsePurify(recipe="eclipse", seed=0)  # the bundled CIFAR-10 weights, t* = 100
+        >>> paper(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 3, 32, 32])
     """
 
     def __init__(
         self,
         denoiser: Any = None,
         *,
-        t_star: int = 100,
-        steps: int | None = DEFAULT_STEPS,
-        compensation: CorruptionCompensation | None = CorruptionCompensation(),  # noqa: B008 - immutable settings
-        prefilter: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        diffusion: bool = True,
+        recipe: str = DEFAULT_RECIPE,
+        t_star: int | _RecipeDefault = _RECIPE,
+        steps: int | None | _RecipeDefault = _RECIPE,
+        compensation: CorruptionCompensation | None | _RecipeDefault = _RECIPE,
+        prefilter: Callable[[torch.Tensor], torch.Tensor] | None | _RecipeDefault = _RECIPE,
+        diffusion: bool | _RecipeDefault = _RECIPE,
         seed: int | None = None,
         revision: str | None = None,
     ) -> None:
+        settings = recipe_settings(recipe)
+        if diffusion is _RECIPE and not settings["diffusion"]:
+            given = {
+                "denoiser": denoiser is not None,
+                "t_star": t_star is not _RECIPE,
+                "steps": steps is not _RECIPE,  # steps=None is a setting too: the paper's sampler
+                "revision": revision is not None,
+            }
+            given = [name for name, passed in given.items() if passed]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the diffusion, which recipe={recipe!r} "
+                    "does not run; pass recipe='eclipse' for ECLIPSE's diffusion (or diffusion=True to run it "
+                    "after the squeeze)."
+                )
+        self.recipe = recipe
+        prefilter = settings["prefilter"] if prefilter is _RECIPE else prefilter
+        compensation = settings["compensation"] if compensation is _RECIPE else compensation
+        diffusion = settings["diffusion"] if diffusion is _RECIPE else diffusion
+        t_star = 100 if t_star is _RECIPE else t_star
+        steps = DEFAULT_STEPS if steps is _RECIPE else steps
         super().__init__(denoiser, t_star=t_star, seed=seed, revision=revision)
         if not isinstance(diffusion, bool):
             raise TypeError(f"diffusion must be True or False, got {diffusion!r} ({type(diffusion).__name__}).")
@@ -133,7 +209,11 @@ class EclipsePurify(DiffusionTransform):
         return out.to(x.device)
 
     def extra_repr(self) -> str:
-        comp = "None" if self.compensation is None else repr(self.compensation)
-        pre = "" if self.prefilter is None else f", prefilter={self.prefilter!r}"
-        off = "" if self.diffusion else ", diffusion=False"
-        return f"{super().extra_repr()}{pre}{off}, compensation={comp}"
+        # Without the diffusion, the denoiser, t_star and steps do nothing and go unsaid.
+        shown = [f"recipe={self.recipe!r}", super().extra_repr() if self.diffusion else f"seed={self.seed!r}"]
+        if self.prefilter is not None:
+            shown.append(f"prefilter={self.prefilter!r}")
+        if not self.diffusion:
+            shown.append("diffusion=False")
+        shown.append(f"compensation={self.compensation!r}")
+        return ", ".join(shown)

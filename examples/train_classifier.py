@@ -1,10 +1,11 @@
-"""Train a small CIFAR-10 classifier on a purified training set: ECLIPSE dropped into an ordinary training script.
+"""Train a small CIFAR-10 classifier on a purified training set: the defense dropped into an ordinary training script.
 
 The only ECLIPSE-specific lines are the two marked below: wrap the (possibly poisoned) training set in a
 PurifiedDataset. Everything else is a plain PyTorch loop.
 
     python examples/train_classifier.py --data ../shared/data/cifar10/cifar10.npz --subset 5000 --epochs 10
     python examples/train_classifier.py --data ~/data/cifar10 --defense none     # torchvision root, no defense
+    python examples/train_classifier.py --defense eclipse                        # the paper's recipe
 
 Test accuracy is measured on the CIFAR-10 test images *not* in the denoiser's sparse set.
 """
@@ -70,7 +71,10 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz"))
     parser.add_argument("--weights", default=None, help="denoiser folder or Hub id (default: bundled)")
     parser.add_argument(
-        "--defense", choices=["eclipse", "purify-only", "compensation-only", "none"], default="eclipse"
+        "--defense",
+        choices=["squeeze", "eclipse", "purify-only", "compensation-only", "none"],
+        default="squeeze",
+        help="squeeze: EclipsePurify()'s default recipe; eclipse: the paper's (default: squeeze)",
     )
     parser.add_argument("--subset", type=int, default=5000, help="class-balanced training subset (0: all)")
     parser.add_argument("--epochs", type=int, default=10)
@@ -103,11 +107,13 @@ def main() -> None:
     if args.poison:
         train_images = get_poison(args.poison)(train_images, train_labels, seed=0)
     train = ImageDataset(train_images, train_labels)
-    if args.defense in ("eclipse", "purify-only"):
-        # --- ECLIPSE: purify once (cached on disk), compensation redrawn every epoch -----------------------------
-        purify = EclipsePurify(
-            args.weights, compensation=CorruptionCompensation() if args.defense == "eclipse" else None
-        )
+    if args.defense in ("squeeze", "eclipse", "purify-only"):
+        # --- purify once (cached on disk), compensation redrawn every epoch ---------------------------------------
+        if args.defense == "squeeze":
+            purify = EclipsePurify()
+        else:
+            compensation = CorruptionCompensation() if args.defense == "eclipse" else None
+            purify = EclipsePurify(args.weights, recipe="eclipse", compensation=compensation)
         train = PurifiedDataset(train, purify, cache_dir=args.cache_dir, transform=augment)
     elif args.defense == "compensation-only":
         train.transform = v2.Compose([v2.ToDtype(torch.float32, scale=True), CorruptionCompensation(), augment])

@@ -385,6 +385,13 @@ def test_border_despeckle_jpeg_defense_is_the_library_transforms():
     theirs = CorruptionCompensation(0.4, sigma=0.0).compensate(batch, torch.Generator().manual_seed(3))
     assert torch.equal(ours, theirs)
     assert defense.options == {"ring": 1, "threshold": 64, "quality": 20, "p_gray": 0.4}
+    # ... and what EclipsePurify() does by default: the row the README shows is the library's default
+    from eclipse_transforms import EclipsePurify
+
+    default = EclipsePurify()
+    assert torch.equal(default.purify_batch(x.float() / 255), squeezed.float() / 255)
+    again = default.compensation.compensate(batch, torch.Generator().manual_seed(3))
+    assert torch.equal(again, ours)
 
 
 def test_models_shapes_and_sizes():

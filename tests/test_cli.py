@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from eclipse_transforms.cli import main
 
@@ -14,12 +15,39 @@ from .test_training import synthetic_npz
 
 
 def purify_args(tiny_folder, tmp_path):
-    return ["--weights", str(tiny_folder), "--t-star", "10", "--steps", "2", "--cache-dir", str(tmp_path / "cache")]
+    return [
+        "--recipe",
+        "eclipse",
+        "--weights",
+        str(tiny_folder),
+        "--t-star",
+        "10",
+        "--steps",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
 
 
 def test_demo_writes_a_grid(tiny_folder, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    assert main(["--no-progress", "demo", "--weights", str(tiny_folder), "--t-star", "10", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--no-progress",
+                "demo",
+                "--recipe",
+                "eclipse",
+                "--weights",
+                str(tiny_folder),
+                "--t-star",
+                "10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "PSNR purified vs clean" in printed and "poison residue" in printed
     with PIL.Image.open(out) as im:
@@ -170,6 +198,8 @@ def test_bad_steps_argument(tiny_folder, tmp_path, steps):
         "purify",
         str(src),
         str(tmp_path / "o.npz"),
+        "--recipe",
+        "eclipse",
         "--weights",
         str(tiny_folder),
         "--t-star",
@@ -182,6 +212,20 @@ def test_bad_steps_argument(tiny_folder, tmp_path, steps):
             main(argv)
     else:
         assert main(argv) == 2
+
+
+def test_purify_defaults_to_the_squeeze_and_refuses_diffusion_options_without_eclipse(tiny_folder, tmp_path):
+    from eclipse_transforms import EclipsePurify
+    from eclipse_transforms._data import load_image_set
+
+    src = synthetic_npz(tmp_path / "in.npz", n=4)
+    dst = tmp_path / "out.npz"
+    assert main(["--no-progress", "purify", str(src), str(dst), "--cache-dir", str(tmp_path / "cache")]) == 0
+    squeezed = EclipsePurify(compensation=None)(load_image_set(src, split="train").images)
+    assert torch.equal(load_image_set(dst, split="train").images, squeezed)
+    for option in (["--t-star", "10"], ["--weights", str(tiny_folder)], ["--steps", "paper"]):
+        with pytest.raises(SystemExit, match=f"{option[0]} sets the diffusion.*add --recipe eclipse"):
+            main(["purify", str(src), str(tmp_path / "o.npz"), *option])
 
 
 # -- --overwrite never deletes what the command did not write; user errors are one line --------------------------

@@ -55,7 +55,7 @@ class CountingPurify(EclipsePurify):
 @pytest.fixture()
 def purify(tiny):
     CountingPurify.calls, CountingPurify.fail_after = 0, None
-    return CountingPurify(tiny, t_star=10, steps=2, seed=0)
+    return CountingPurify(tiny, recipe="eclipse", t_star=10, steps=2, seed=0)
 
 
 def shard_hashes(path: Path) -> dict[str, str]:
@@ -97,7 +97,9 @@ def test_the_prefilter_runs_before_the_diffusion_and_is_cached(purify, tmp_path)
 
     data = ToyDataset()
     plain = build(purify, tmp_path, dataset=data)
-    filtered = CountingPurify(purify.denoiser, t_star=10, steps=2, seed=0, prefilter=JPEGCompression(10))
+    filtered = CountingPurify(
+        purify.denoiser, recipe="eclipse", t_star=10, steps=2, seed=0, prefilter=JPEGCompression(10)
+    )
     ds = build(filtered, tmp_path, dataset=data)
     x = torch.stack(data.images)
     expected = quantize(purify.purify_batch(EF.jpeg_compression(x, quality=10), index_generators(range(10), 0)))
@@ -105,7 +107,7 @@ def test_the_prefilter_runs_before_the_diffusion_and_is_cached(purify, tmp_path)
     assert not torch.equal(ds.purified(0), plain.purified(0))
     assert "JPEGCompression(quality=10)" in repr(filtered)
     with pytest.raises(TypeError, match="prefilter"):
-        EclipsePurify(purify.denoiser, t_star=10, prefilter="jpeg")
+        EclipsePurify(purify.denoiser, recipe="eclipse", t_star=10, prefilter="jpeg")
 
 
 class CountingSqueeze:
@@ -152,11 +154,13 @@ def test_without_diffusion_the_one_time_stages_are_cached_and_the_grayscale_redr
     torch.testing.assert_close(items[~gray], colour[~gray])  # sigma = 0: untouched but for the grayscale
     again = build(squeeze, tmp_path, dataset=data)
     assert CountingSqueeze.images == 10 and again.cache_path == ds.cache_path  # the second construction reads
-    with_diffusion = CountingPurify(purify.denoiser, prefilter=CountingSqueeze(), seed=0, t_star=10, steps=2)
+    with_diffusion = CountingPurify(
+        purify.denoiser, recipe="eclipse", prefilter=CountingSqueeze(), seed=0, t_star=10, steps=2
+    )
     assert build(with_diffusion, tmp_path, dataset=data).cache_path != ds.cache_path
     assert "diffusion=False" in repr(squeeze)
     with pytest.raises(TypeError, match="diffusion must be True or False"):
-        EclipsePurify(purify.denoiser, t_star=10, diffusion="no")
+        EclipsePurify(purify.denoiser, recipe="eclipse", t_star=10, diffusion="no")
 
 
 def test_second_construction_reads_the_cache(purify, tmp_path):
@@ -174,20 +178,24 @@ def test_changing_what_matters_rebuilds(purify, tmp_path, change):
     calls = CountingPurify.calls
     kw = {}
     if change == "t_star":
-        purify = CountingPurify(purify.denoiser, t_star=9, steps=2, seed=0)
+        purify = CountingPurify(purify.denoiser, recipe="eclipse", t_star=9, steps=2, seed=0)
     elif change == "seed":
-        purify = CountingPurify(purify.denoiser, t_star=10, steps=2, seed=1)
+        purify = CountingPurify(purify.denoiser, recipe="eclipse", t_star=10, steps=2, seed=1)
     elif change == "steps":
-        purify = CountingPurify(purify.denoiser, t_star=10, steps=3, seed=0)
+        purify = CountingPurify(purify.denoiser, recipe="eclipse", t_star=10, steps=3, seed=0)
     elif change == "weights":
-        purify = CountingPurify(make_tiny_denoiser(seed=1), t_star=10, steps=2, seed=0)
+        purify = CountingPurify(make_tiny_denoiser(seed=1), recipe="eclipse", t_star=10, steps=2, seed=0)
     elif change == "prefilter":
-        purify = CountingPurify(purify.denoiser, t_star=10, steps=2, seed=0, prefilter=Despeckle())
+        purify = CountingPurify(purify.denoiser, recipe="eclipse", t_star=10, steps=2, seed=0, prefilter=Despeckle())
     elif change == "prefilter setting":
-        first = CountingPurify(purify.denoiser, t_star=10, steps=2, seed=0, prefilter=JPEGCompression(10))
+        first = CountingPurify(
+            purify.denoiser, recipe="eclipse", t_star=10, steps=2, seed=0, prefilter=JPEGCompression(10)
+        )
         ds = build(first, tmp_path)
         calls = CountingPurify.calls
-        purify = CountingPurify(purify.denoiser, t_star=10, steps=2, seed=0, prefilter=JPEGCompression(20))
+        purify = CountingPurify(
+            purify.denoiser, recipe="eclipse", t_star=10, steps=2, seed=0, prefilter=JPEGCompression(20)
+        )
     else:
         kw["dataset"] = ToyDataset(seed=1)
     other = build(purify, tmp_path, **kw)
@@ -268,7 +276,10 @@ def test_dataloader_with_workers_and_transform(purify, tmp_path):
 
 def test_repr_is_informative(purify, tmp_path):
     r = repr(build(purify, tmp_path))
-    assert "ToyDataset (10 items" in r and "t_star=10" in r and "steps=2" in r and "3/3 shards" in r
+    assert "ToyDataset (10 items" in r and "diffusion (t_star=10, steps=2, seed=0)" in r and "3/3 shards" in r
+    squeezed = repr(build(EclipsePurify(), tmp_path))  # the default: the squeeze, no diffusion to speak of
+    assert "purified once: Compose(" in squeezed and "JPEGCompression(quality=20)" in squeezed
+    assert "t_star" not in squeezed and "sigma=0.0" in squeezed
 
 
 def test_uint8_and_pil_sources(purify, tmp_path):

@@ -56,11 +56,13 @@ def test_lower_precision_loads_the_same_values_under_its_own_fingerprint(tmp_pat
         low = load_denoiser(tmp_path / "half", dtype=dtype)
         assert low.dtype == (torch.float16 if dtype == "float16" else torch.bfloat16)
         assert all(p.dtype == low.dtype for p in low.unet.parameters())
-        assert f"dtype={low.dtype}" in repr(low) and f"dtype={low.dtype}" in repr(EclipsePurify(low, t_star=10))
+        assert f"dtype={low.dtype}" in repr(low) and f"dtype={low.dtype}" in repr(
+            EclipsePurify(low, recipe="eclipse", t_star=10)
+        )
         # The same values in another precision give other outputs: a cache must not mistake one for the other.
         assert low.fingerprint != full.fingerprint
     assert load_denoiser(tmp_path / "half", dtype=torch.float32).fingerprint == full.fingerprint
-    assert "dtype" not in repr(EclipsePurify(full, t_star=10))  # the default precision goes unsaid
+    assert "dtype" not in repr(EclipsePurify(full, recipe="eclipse", t_star=10))  # the default precision goes unsaid
     back = load_denoiser(tmp_path / "half", dtype="bfloat16").to(torch.float32)
     assert back.fingerprint != full.fingerprint  # bfloat16 rounded the weights
     for bad in ("int8", torch.int64, "fp8"):

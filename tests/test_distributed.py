@@ -35,7 +35,7 @@ class RecordingPurify(EclipsePurify):
 
 
 def build(folder: Path, cache: Path, log: Path | None = None) -> PurifiedDataset:
-    purify = RecordingPurify(load_denoiser(folder), t_star=10, steps=2, seed=0, compensation=None)
+    purify = RecordingPurify(load_denoiser(folder), recipe="eclipse", t_star=10, steps=2, seed=0, compensation=None)
     purify.log = log or cache.parent / "single.log"
     return PurifiedDataset(ToyDataset(n=22), purify, cache_dir=cache, batch_size=3, shard_size=4, progress=False)
 
@@ -92,7 +92,7 @@ class FailingPurify(RecordingPurify):
 def _failing_rank(rank: int, world_size: int, init_file: str, folder: str, cache: str, logs: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        purify = FailingPurify(load_denoiser(folder), t_star=10, steps=2, seed=0, compensation=None)
+        purify = FailingPurify(load_denoiser(folder), recipe="eclipse", t_star=10, steps=2, seed=0, compensation=None)
         purify.log = Path(logs) / f"rank{rank}.log"
         PurifiedDataset(ToyDataset(n=22), purify, cache_dir=cache, batch_size=3, shard_size=4, progress=False)
     finally:
@@ -122,7 +122,18 @@ def test_a_failing_rank_fails_the_job_and_a_rerun_finishes_the_same_bytes(tiny_f
                     reason="torchrun is not installed")  # fmt: skip
 def test_cli_under_torchrun_writes_the_same_file(tiny_folder, tmp_path):
     src = synthetic_npz(tmp_path / "in.npz", n=12)
-    args = ["--weights", str(tiny_folder), "--t-star", "10", "--steps", "2", "--batch-size", "4"]
+    args = [
+        "--recipe",
+        "eclipse",
+        "--weights",
+        str(tiny_folder),
+        "--t-star",
+        "10",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+    ]
     cli = Path(sys.executable).with_name("eclipse-transforms")
     one = subprocess.run(
         [str(cli), "--no-progress", "purify", str(src), str(tmp_path / "one.npz"), *args,

@@ -61,10 +61,10 @@ def test_output_loads_through_the_denoiser_loader(tmp_path):
     assert json.loads((out / "train_config.json").read_text())["t_max"] == 20
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "6 steps" in card
-    y = EclipsePurify(den, t_star=20, steps=2, seed=0, compensation=None)(torch.rand(2, 3, 8, 8))
+    y = EclipsePurify(den, recipe="eclipse", t_star=20, steps=2, seed=0, compensation=None)(torch.rand(2, 3, 8, 8))
     assert y.shape == (2, 3, 8, 8)
     with pytest.raises(ValueError, match="above t_max=20"):
-        EclipsePurify(den, t_star=21)
+        EclipsePurify(den, recipe="eclipse", t_star=21)
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
@@ -192,7 +192,7 @@ def test_64px_end_to_end(tmp_path):
     images = torch.from_numpy(np.load(data)["images"]).permute(0, 3, 1, 2)
     ds = PurifiedDataset(
         TensorDataset(images, torch.arange(6) % 2),
-        EclipsePurify(den, t_star=10, steps=2, seed=0),
+        EclipsePurify(den, recipe="eclipse", t_star=10, steps=2, seed=0),
         cache_dir=tmp_path / "cache",
         progress=False,
     )

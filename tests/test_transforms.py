@@ -28,12 +28,15 @@ def image() -> torch.Tensor:
 
 def test_eclipse_purify_contract(tiny, image):
     check_transform(
-        EclipsePurify(tiny, t_star=10, steps=3, compensation=None, seed=0), image, deterministic=True, atol=2e-5
+        EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=3, compensation=None, seed=0),
+        image,
+        deterministic=True,
+        atol=2e-5,
     )
 
 
 def test_eclipse_purify_with_compensation_contract(tiny, image):
-    check_transform(EclipsePurify(tiny, t_star=10, steps=2, seed=0), image, deterministic=False)
+    check_transform(EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=2, seed=0), image, deterministic=False)
 
 
 def test_eclipse_purify_without_diffusion_contract(tiny, image):
@@ -47,6 +50,53 @@ def test_eclipse_purify_without_diffusion_contract(tiny, image):
     assert torch.equal(
         EclipsePurify(tiny, t_star=10, prefilter=squeeze, diffusion=False, compensation=None)(x), squeeze(x)
     )
+
+
+def test_the_default_recipe_is_the_squeeze(image):
+    purify = EclipsePurify()
+    assert purify.recipe == "squeeze" and not purify.diffusion
+    assert (purify.compensation.p_gray, purify.compensation.sigma) == (0.4, 0.0)
+    check_transform(EclipsePurify(compensation=None), image, deterministic=True)
+    check_transform(purify, image, deterministic=False)
+    x = (torch.rand(4, 3, H, W, generator=torch.Generator().manual_seed(1)) * 255).round().to(torch.uint8)
+    squeeze = v2.Compose([RepairBorder(), Despeckle(64 / 255), JPEGCompression(20)])
+    assert torch.equal(EclipsePurify(compensation=None)(x), squeeze(x))
+    assert "recipe='squeeze'" in repr(purify) and "t_star" not in repr(purify)  # no diffusion, nothing of it said
+
+
+def test_the_eclipse_recipe_is_the_papers_stages(tiny, image):
+    paper = EclipsePurify(recipe="eclipse")
+    assert paper.diffusion and paper.prefilter is None and paper.t_star == 100 and paper.steps == 4
+    assert (paper.compensation.p_gray, paper.compensation.sigma) == (0.4, 0.05)
+    # the settings override the recipe one by one: the squeeze, then the diffusion
+    both = EclipsePurify(tiny, diffusion=True, t_star=10, steps=2, compensation=None, seed=0)
+    x = image.unsqueeze(0)
+    squeezed = EclipsePurify(compensation=None)(x)
+    paper = EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=2, compensation=None)
+    out = both.purify_batch(x, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out, paper.purify_batch(squeezed, torch.Generator().manual_seed(3)))
+    assert not torch.allclose(out, squeezed)  # the diffusion ran
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"recipe": "jpeg"}, "recipe must be one of 'squeeze', 'eclipse', got 'jpeg'"),
+        ({"recipe": None}, "recipe must be one of"),
+        ({"t_star": 50}, "t_star sets the diffusion, which recipe='squeeze' does not run; pass recipe='eclipse'"),
+        ({"steps": None}, "steps sets the diffusion"),  # None is a setting: the paper's sampler
+        ({"revision": "main"}, "revision sets the diffusion"),
+    ],
+)
+def test_diffusion_settings_without_the_diffusion_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EclipsePurify(**kwargs)
+
+
+def test_a_denoiser_without_the_diffusion_is_refused_unless_said(tiny):
+    with pytest.raises(ValueError, match="denoiser sets the diffusion"):
+        EclipsePurify(tiny)
+    assert not EclipsePurify(tiny, t_star=10, diffusion=False).diffusion  # said: the denoiser only goes along
 
 
 def test_forward_diffusion_contract(tiny, image):
@@ -91,7 +141,7 @@ def test_stages_compose_into_a_purifier(tiny, image):
 
 
 def test_purify_stage_properties_share_settings(tiny):
-    p = EclipsePurify(tiny, t_star=10, steps=3, seed=4)
+    p = EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=3, seed=4)
     forward, reverse = p.forward_diffusion, p.reverse_diffusion
     assert forward.denoiser is tiny and forward.t_star == 10 and forward.seed == 4
     assert reverse.steps == 3 and reverse.t_star == 10
@@ -114,24 +164,24 @@ def test_old_functional_names_warn_and_agree(tiny):
 
 
 def test_seed_none_gives_fresh_output_and_seed_int_repeats(tiny, image):
-    fresh = EclipsePurify(tiny, t_star=10, steps=2, compensation=None)
+    fresh = EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=2, compensation=None)
     assert not torch.equal(fresh(image), fresh(image))
-    fixed = EclipsePurify(tiny, t_star=10, steps=2, compensation=None, seed=7)
+    fixed = EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=2, compensation=None, seed=7)
     assert torch.equal(fixed(image), fixed(image))
-    other = EclipsePurify(tiny, t_star=10, steps=2, compensation=None, seed=8)
+    other = EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=2, compensation=None, seed=8)
     assert not torch.equal(fixed(image), other(image))
 
 
 def test_repr_shows_settings(tiny):
-    r = repr(EclipsePurify(tiny, t_star=10, steps=3, seed=0))
+    r = repr(EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=3, seed=0))
     assert "t_star=10" in r and "steps=3" in r and "seed=0" in r and "CorruptionCompensation" in r
     assert "p_gray=0.4" in repr(CorruptionCompensation())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(tiny, image):
-    cpu = EclipsePurify(tiny, t_star=10, steps=3, compensation=None, seed=0)
-    gpu = EclipsePurify(tiny, t_star=10, steps=3, compensation=None, seed=0).to("cuda")
+    cpu = EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=3, compensation=None, seed=0)
+    gpu = EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=3, compensation=None, seed=0).to("cuda")
     out = gpu(image.cuda())
     assert out.device.type == "cuda"
     assert torch.allclose(out.cpu(), cpu(image), atol=1e-4)
@@ -159,14 +209,14 @@ def test_cuda_matches_cpu(tiny, image):
 )
 def test_purify_rejects_bad_images(tiny, x, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        EclipsePurify(tiny, t_star=10, steps=2)(x)
+        EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=2)(x)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA"])
 def test_purify_rejects_non_rgb_pil(tiny, mode):
     img = PIL.Image.fromarray(np.zeros((H, W, 4 if mode == "RGBA" else 1), np.uint8).squeeze(), mode)
     with pytest.raises(ValueError, match="RGB PIL image.*convert"):
-        EclipsePurify(tiny, t_star=10, steps=2)(img)
+        EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=2)(img)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +234,7 @@ def test_purify_rejects_non_rgb_pil(tiny, mode):
 )
 def test_purify_rejects_bad_arguments(tiny, kwargs, error, match):
     with pytest.raises(error, match=match):
-        EclipsePurify(tiny, **kwargs)
+        EclipsePurify(tiny, recipe="eclipse", **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -210,7 +260,7 @@ def test_noise_stage_refuses_uint8(tiny):
 
 
 def test_every_image_of_a_list_or_tuple_is_purified(tiny):
-    purify = EclipsePurify(tiny, t_star=10, steps=2, compensation=None, seed=0)
+    purify = EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=2, compensation=None, seed=0)
     a, b = torch.rand(3, H, W), torch.rand(3, H, W)
     out = purify([a, b])
     assert torch.equal(out[0], purify(a)) and torch.equal(out[1], purify(b))
@@ -224,7 +274,11 @@ def test_every_image_of_a_list_or_tuple_is_purified(tiny):
 
 @pytest.mark.parametrize("transform", ["purify", "compensation"])
 def test_numpy_images_are_refused_not_passed_through(tiny, transform):
-    tf = EclipsePurify(tiny, t_star=10, steps=2) if transform == "purify" else CorruptionCompensation()
+    tf = (
+        EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=2)
+        if transform == "purify"
+        else CorruptionCompensation()
+    )
     with pytest.raises(TypeError, match="numpy array of shape.*v2.ToImage"):
         tf(np.zeros((H, W, 3), np.uint8))
     with pytest.raises(TypeError, match="numpy array"):
@@ -233,6 +287,8 @@ def test_numpy_images_are_refused_not_passed_through(tiny, transform):
 
 
 def test_numpy_integers_are_ints(tiny, image):
-    a = EclipsePurify(tiny, t_star=np.int64(10), steps=np.int32(2), compensation=None, seed=np.int64(4))
-    b = EclipsePurify(tiny, t_star=10, steps=2, compensation=None, seed=4)
+    a = EclipsePurify(
+        tiny, recipe="eclipse", t_star=np.int64(10), steps=np.int32(2), compensation=None, seed=np.int64(4)
+    )
+    b = EclipsePurify(tiny, recipe="eclipse", t_star=10, steps=2, compensation=None, seed=4)
     assert type(a.seed) is int and torch.equal(a(image), b(image))

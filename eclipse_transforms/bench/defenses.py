@@ -108,7 +108,9 @@ def purified(
     """ECLIPSE stages 1-2 of every image (after ``prefilter``), through :class:`PurifiedDataset` (cached and
     resumable)."""
     denoiser = load_denoiser(context.weights, dtype=context.dtype)  # the dtype enters the cache key (fingerprint)
-    purify = EclipsePurify(denoiser, t_star=context.t_star, steps=steps, compensation=None, prefilter=prefilter)
+    purify = EclipsePurify(
+        denoiser, recipe="eclipse", t_star=context.t_star, steps=steps, compensation=None, prefilter=prefilter
+    )
     # The paper's sampler costs t* network evaluations per image (25x the default): smaller shards keep an
     # interrupted run's loss to minutes on a CPU (a 4,096-image shard would be hours). Other steps keep the default.
     shards = {"shard_size": 512} if steps is None else {}
