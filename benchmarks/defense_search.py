@@ -73,6 +73,9 @@ Candidates (``--list`` prints them):
 * ``border-despeckle-jpeg-eclipse``: the bench's ``border-despeckle-jpeg`` (border, despeckle at 64/255, JPEG
   q20), then ECLIPSE's diffusion (t* of the run, 4 steps) once, then the grayscale every epoch: JPEG then ECLIPSE
   at q10 gave clean data 71.0 where JPEG q10 alone gives 69.1; does the denoiser give back as much at q20?
+* ``border-despeckle-jpeg-gray{0.7,1.0}``: the bench's ``border-despeckle-jpeg`` with the per-epoch grayscale at
+  p = 0.7 or 1.0 instead of 0.4: LSP is the one model-free column where it trails (standard tier: 73.9 against
+  ISS-JPEG's 75.3), and grayscale alone takes LSP (``iss-gray``: 76.4 quick, 86.0 standard) at a small clean cost.
 * ``cuda-oracle-deconvolve`` / ``cuda-oracle-deconvolve-displace-0.8``: diagnostics, not defenses: every class
   Wiener-deconvolved with the true kernel of the bench's CUDA set (seed 0), alone or before COIN's displacement.
 """
@@ -429,6 +432,20 @@ def _border_despeckle_jpeg_eclipse(context: DefenseContext) -> Defense:
             "p_gray": 0.4,
         },
     )
+
+
+for _p_gray in (0.7, 1.0):
+
+    def _border_despeckle_jpeg_p_gray_factory(context: DefenseContext, p_gray: float = _p_gray) -> Defense:
+        defense = get_defense("border-despeckle-jpeg", context)
+        return replace(
+            defense,
+            name=f"border-despeckle-jpeg-gray{p_gray}",
+            epoch_transform=compensation(p_gray=p_gray, sigma=0.0),
+            options={**defense.options, "p_gray": p_gray},
+        )
+
+    candidate(f"border-despeckle-jpeg-gray{_p_gray}")(_border_despeckle_jpeg_p_gray_factory)
 
 
 def with_pgd(base: str, name: str, epsilon: int, steps: int):
