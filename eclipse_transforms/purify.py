@@ -21,8 +21,8 @@ from .reverse_diffusion import ReverseDiffusion
 
 __all__ = ["EclipsePurify", "DEFAULT_STEPS", "DEFAULT_RECIPE", "RECIPES", "recipe_settings"]
 
-# Reverse steps of the default setting. The paper's sampler is steps=None (t_star ancestral steps). Four respaced
-# ancestral steps leave as much of a perturbation as the paper's 100 (benchmarks/poison_residue.py: 47.2 % vs
+# Reverse steps of recipe="eclipse" unless given. The paper's sampler is steps=None (t_star ancestral steps). Four
+# respaced ancestral steps leave as much of a perturbation as the paper's 100 (benchmarks/poison_residue.py: 47.2 % vs
 # 46.8 % of uniform 8/255 noise, 91.3 % vs 91.3 % of 8x8-patch noise) at 27x its speed; see docs/poisons.md.
 DEFAULT_STEPS = 4
 
