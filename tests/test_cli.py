@@ -14,19 +14,13 @@ from eclipse_transforms.cli import main
 from .test_training import synthetic_npz
 
 
+def eclipse_args(tiny_folder, steps="2"):
+    """The options that run ECLIPSE's diffusion with the tiny test weights."""
+    return ["--recipe", "eclipse", "--weights", str(tiny_folder), "--t-star", "10", "--steps", steps]
+
+
 def purify_args(tiny_folder, tmp_path):
-    return [
-        "--recipe",
-        "eclipse",
-        "--weights",
-        str(tiny_folder),
-        "--t-star",
-        "10",
-        "--steps",
-        "2",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
+    return [*eclipse_args(tiny_folder), "--cache-dir", str(tmp_path / "cache")]
 
 
 def test_demo_writes_a_grid(tiny_folder, tmp_path, capsys):
@@ -194,19 +188,7 @@ def test_train_command(tmp_path):
 @pytest.mark.parametrize("steps", ["0", "abc"])
 def test_bad_steps_argument(tiny_folder, tmp_path, steps):
     src = synthetic_npz(tmp_path / "in.npz", n=2)
-    argv = [
-        "purify",
-        str(src),
-        str(tmp_path / "o.npz"),
-        "--recipe",
-        "eclipse",
-        "--weights",
-        str(tiny_folder),
-        "--t-star",
-        "10",
-        "--steps",
-        steps,
-    ]
+    argv = ["purify", str(src), str(tmp_path / "o.npz"), *eclipse_args(tiny_folder, steps)]
     if steps == "abc":
         with pytest.raises(SystemExit, match="--steps must be an int or 'paper'"):
             main(argv)

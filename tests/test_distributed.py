@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from eclipse_transforms import EclipsePurify, PurifiedDataset, load_denoiser
 
+from .test_cli import eclipse_args
 from .test_dataset import ToyDataset, shard_hashes
 from .test_training import synthetic_npz
 
@@ -122,18 +123,7 @@ def test_a_failing_rank_fails_the_job_and_a_rerun_finishes_the_same_bytes(tiny_f
                     reason="torchrun is not installed")  # fmt: skip
 def test_cli_under_torchrun_writes_the_same_file(tiny_folder, tmp_path):
     src = synthetic_npz(tmp_path / "in.npz", n=12)
-    args = [
-        "--recipe",
-        "eclipse",
-        "--weights",
-        str(tiny_folder),
-        "--t-star",
-        "10",
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-    ]
+    args = [*eclipse_args(tiny_folder), "--batch-size", "4"]
     cli = Path(sys.executable).with_name("eclipse-transforms")
     one = subprocess.run(
         [str(cli), "--no-progress", "purify", str(src), str(tmp_path / "one.npz"), *args,
