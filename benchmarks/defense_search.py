@@ -426,18 +426,12 @@ def _border_despeckle_jpeg_gray(context: DefenseContext) -> Defense:
 def _border_despeckle_jpeg_eclipse(context: DefenseContext) -> Defense:
     """The bench's ``border-despeckle-jpeg``, then ECLIPSE's noise-and-denoise on its output (cached once): does the
     sparse-set denoiser give back some of what JPEG took from clean images?"""
-    return Defense(
-        "border-despeckle-jpeg-eclipse",
-        prepare=lambda x, y: purified(jpeg(despeckle(repair_border(x), 64), 20), y, context, DEFAULT_STEPS),
-        epoch_transform=compensation(p_gray=0.4, sigma=0.0),
-        options={
-            "ring": 1,
-            "threshold": 64,
-            "quality": 20,
-            "t_star": context.t_star,
-            "steps": DEFAULT_STEPS,
-            "p_gray": 0.4,
-        },
+    squeeze = get_defense("border-despeckle-jpeg", context)
+    return replace(
+        squeeze,
+        name="border-despeckle-jpeg-eclipse",
+        prepare=lambda x, y: purified(squeeze.prepare(x, y), y, context, DEFAULT_STEPS),
+        options={**squeeze.options, "t_star": context.t_star, "steps": DEFAULT_STEPS},
     )
 
 
