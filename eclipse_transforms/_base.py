@@ -84,19 +84,28 @@ class DiffusionTransform(ImageTransform):
     """Base of the transforms that hold a :class:`~eclipse_transforms.Denoiser` and a seed.
 
     ``denoiser`` is a ``Denoiser``, a folder or Hub repo id (loaded with ``revision``), or ``None`` for the
-    bundled weights. With an int ``seed`` every image's randomness is derived from ``(seed, image content)``, so
+    bundled weights (or for no denoiser at all, with ``required=False``). With an int ``seed`` every image's randomness is derived from ``(seed, image content)``, so
     the output is a function of the image alone (batched == unbatched); with ``None`` a fresh seed is drawn
     from torch's global RNG on every call.
     """
 
     def __init__(
-        self, denoiser: Any = None, *, t_star: int = 100, seed: int | None = None, revision: str | None = None
+        self,
+        denoiser: Any = None,
+        *,
+        t_star: int = 100,
+        seed: int | None = None,
+        revision: str | None = None,
+        required: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(denoiser, Denoiser):
+        if not isinstance(denoiser, Denoiser) and (denoiser is not None or required):
             denoiser = load_denoiser(denoiser, revision=revision)
+        # required=False (a transform that may run no diffusion): None stays None, nothing is loaded.
         self.denoiser = denoiser
-        self.t_star = EF.check_t_star(t_star, denoiser)
+        self.t_star = (
+            EF.check_t_star(t_star, denoiser) if denoiser is not None else check_int(t_star, "t_star", minimum=1)
+        )
         self.seed = check_int(seed, "seed", optional=True)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:

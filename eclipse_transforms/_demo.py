@@ -79,7 +79,8 @@ def run_demo(
     (its projection on the poison), throughput, and where the grid went.
     """
     num_images = check_int(num_images, "num_images", minimum=1)
-    size = 32 if purify.denoiser.unet.config.sample_size is None else int(purify.denoiser.unet.config.sample_size)
+    den = purify.denoiser
+    size = 32 if den is None or den.unet.config.sample_size is None else int(den.unet.config.sample_size)
     if data is None:
         clean = generated_images(num_images, size)
         source = "generated scenes"
@@ -132,7 +133,7 @@ def run_demo(
         "poison L2 per image": f"{poison_l2:.3f}",
         "poison residue L2 after purification": f"{residue_l2:.3f} ({100 * residue_l2 / poison_l2:.1f}% of the poison's)",
         "poison pattern kept (the residue projected on the poison)": f"{100 * kept:.1f}%",
-        "purification speed": f"{len(clean) / seconds:.1f} images/s on {purify.denoiser.device} (one warm batch of "
+        "purification speed": f"{len(clean) / seconds:.1f} images/s on {den.device if purify.diffusion else clean.device} (one warm batch of "
         f"{len(clean)}; larger batches are faster, see benchmarks/bench_throughput.py)",
         "grid (rows: clean, poisoned, poison x16, purified, residue x16, compensated)": str(path),
     }

@@ -63,14 +63,15 @@ _RANDOMNESS_PROBES = 8
 class PurifiedDataset(Dataset):
     """Wrap a dataset of ``(image, label)`` pairs with its ECLIPSE-purified version, cached on disk.
 
-    On construction, every image is noised and denoised once (stages 1 and 2 of ``purify``), in batches of
-    ``batch_size``, and stored as uint8 in checksummed safetensors shards under ``cache_dir``. The cache key
-    covers everything that changes the output: a fingerprint of the data, the denoiser's weights and precision,
-    ``t_star``, ``steps``, the seed, ``batch_size``, the device type and the library version; later
-    constructions with the same key read the cache instead. Image ``i`` uses randomness derived from
-    ``(seed, i)`` only, but the UNet's float rounding depends on the batch's shape and the hardware (another
-    batch size moved a few pixels by one level), so ``batch_size`` and the device type are part of the key: a
-    cache entry always holds the bytes of one build. A build that is interrupted resumes from its last complete
+    On construction, every image goes once through ``purify``'s one-time stages (:meth:`EclipsePurify.purify_batch`:
+    the squeeze by default; with ``recipe="eclipse"``, noised and denoised), in batches of ``batch_size``, and is
+    stored as uint8 in checksummed safetensors shards under ``cache_dir``. The cache key covers everything that
+    changes the output: a fingerprint of the data, the prefilter's ``repr``, the seed, the library version and,
+    where the diffusion runs, the denoiser's weights and precision, ``t_star``, ``steps``, ``batch_size`` and the
+    device type; later constructions with the same key read the cache instead. Image ``i`` uses randomness derived
+    from ``(seed, i)`` only, but the UNet's float rounding depends on the batch's shape and the hardware (another
+    batch size moved a few pixels by one level), so with the diffusion ``batch_size`` and the device type are part
+    of the key: a cache entry always holds the bytes of one build. A build that is interrupted resumes from its last complete
     shard; a shard whose bytes do not match its checksum is rebuilt; a second process building the same entry
     waits for the first and then reads its result.
 
@@ -168,20 +169,21 @@ class PurifiedDataset(Dataset):
             "data": fingerprint,
             "num_items": num_items,
             "image_shape": list(shape),
-            "weights": purify.denoiser.fingerprint,
-            "t_star": purify.t_star,
-            "steps": purify.steps,
             "seed": self.seed,
             "shard_size": shard_size,
+        }
+        if purify.diffusion:
+            meta["weights"] = purify.denoiser.fingerprint
+            meta["t_star"] = purify.t_star
+            meta["steps"] = purify.steps
             # The UNet's float rounding depends on the batch's shape and the hardware: batch sizes 1, 5 and 7
             # gave bytes one level away from 32 in a few pixels. Keying them keeps every entry one build's bytes.
-            "batch_size": batch_size,
-            "device": purify.denoiser.device.type,
-        }
+            meta["batch_size"] = batch_size
+            meta["device"] = purify.denoiser.device.type
+        else:  # only the prefilter's output is cached: image by image, on the CPU, whatever the batch or device
+            meta["diffusion"] = False
         if purify.prefilter is not None:  # absent otherwise, so that earlier entries keep their keys
             meta["prefilter"] = repr(purify.prefilter)
-        if not purify.diffusion:  # likewise: only the prefilter's output is cached
-            meta["diffusion"] = False
         key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
         self.cache_root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
         self.cache_path = self.cache_root / key
@@ -211,7 +213,8 @@ class PurifiedDataset(Dataset):
                 raise ValueError(f"dataset image {i} must be one image (C, H, W), got shape {tuple(x.shape)}.")
             if shape is None:
                 shape = tuple(x.shape[1:])
-                EF.check_images(x, den, f"dataset image {i}", check_range=False)
+                if den is not None and self.purify.diffusion:
+                    EF.check_images(x, den, f"dataset image {i}", check_range=False)
             elif tuple(x.shape[1:]) != shape:
                 raise ValueError(
                     f"dataset images must all have one shape to be cached; image 0 is {shape}, image {i} is "

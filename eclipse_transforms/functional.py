@@ -318,7 +318,10 @@ def jpeg_compression(x: torch.Tensor, *, quality: int = 10) -> torch.Tensor:
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in [1, 100], got {quality}.")
     if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"jpeg_compression needs RGB images (N, 3, H, W), got shape {tuple(x.shape)}.")
+        raise ValueError(
+            f"jpeg_compression needs RGB images (N, 3, H, W), got shape {tuple(x.shape)}; make grayscale images "
+            "RGB first (v2.RGB())."
+        )
     images = x.detach().to("cpu", torch.float32).mul(255).round_().clamp_(0, 255).to(torch.uint8)
     out = torch.empty_like(images)
     for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):

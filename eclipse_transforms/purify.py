@@ -82,7 +82,7 @@ class EclipsePurify(DiffusionTransform):
 
     Args:
         denoiser: a :class:`~eclipse_transforms.Denoiser`, a folder or Hub repo id, or ``None`` for the bundled
-            CIFAR-10 weights.
+            CIFAR-10 weights, loaded only where the diffusion runs (without it, ``self.denoiser`` stays ``None``).
         recipe: ``"squeeze"`` or ``"eclipse"`` (:data:`RECIPES`). Passing ``denoiser``, ``t_star``, ``steps`` or
             ``revision`` to a recipe without diffusion is an error, not silently ignored: pass
             ``recipe="eclipse"`` (or ``diffusion=True`` to add the diffusion after the squeeze).
@@ -102,8 +102,8 @@ class EclipsePurify(DiffusionTransform):
         revision: Hub revision when ``denoiser`` is a repo id; pin a commit for reproducibility.
 
     Input: float images in ``[0, 1]`` of shape ``(3, H, W)`` or ``(..., 3, H, W)``, uint8 tensors,
-    ``tv_tensors.Image`` or RGB PIL images; H and W multiples of ``denoiser.size_multiple`` (4 for the bundled
-    weights, trained on 32x32). The output keeps the input's type, dtype and device; uint8 and PIL outputs are
+    ``tv_tensors.Image`` or RGB PIL images; where the diffusion runs, H and W multiples of
+    ``denoiser.size_multiple`` (4 for the bundled weights, trained on 32x32). The output keeps the input's type, dtype and device; uint8 and PIL outputs are
     rounded to the nearest level. Labels and other non-image leaves pass through.
 
     Example:
@@ -152,9 +152,11 @@ class EclipsePurify(DiffusionTransform):
         diffusion = settings["diffusion"] if diffusion is _RECIPE else diffusion
         t_star = 100 if t_star is _RECIPE else t_star
         steps = DEFAULT_STEPS if steps is _RECIPE else steps
-        super().__init__(denoiser, t_star=t_star, seed=seed, revision=revision)
         if not isinstance(diffusion, bool):
             raise TypeError(f"diffusion must be True or False, got {diffusion!r} ({type(diffusion).__name__}).")
+        # Without the diffusion the bundled denoiser is not loaded: nothing would run it, and it would cost the
+        # construction 0.1-0.3 s and every pickled copy (a DataLoader worker's) 23 MB.
+        super().__init__(denoiser, t_star=t_star, seed=seed, revision=revision, required=diffusion)
         self.diffusion = diffusion
         if prefilter is not None and not callable(prefilter):
             raise TypeError(f"prefilter must be a transform (callable) or None, got {type(prefilter).__name__}.")
@@ -169,12 +171,22 @@ class EclipsePurify(DiffusionTransform):
     @property
     def forward_diffusion(self) -> ForwardDiffusion:
         """Stage 1 alone, sharing this transform's denoiser, t_star and seed."""
-        return ForwardDiffusion(self.denoiser, t_star=self.t_star, seed=self.seed)
+        return ForwardDiffusion(self._stage_denoiser("forward_diffusion"), t_star=self.t_star, seed=self.seed)
 
     @property
     def reverse_diffusion(self) -> ReverseDiffusion:
         """Stage 2 alone, sharing this transform's denoiser, t_star, steps and seed."""
-        return ReverseDiffusion(self.denoiser, t_star=self.t_star, steps=self.steps, seed=self.seed)
+        return ReverseDiffusion(
+            self._stage_denoiser("reverse_diffusion"), t_star=self.t_star, steps=self.steps, seed=self.seed
+        )
+
+    def _stage_denoiser(self, stage: str) -> Any:
+        if self.denoiser is None:
+            raise ValueError(
+                f"{stage}: this EclipsePurify (recipe={self.recipe!r}, diffusion=False) has no denoiser; "
+                f"EclipsePurify(recipe='eclipse').{stage} is the paper's stage."
+            )
+        return self.denoiser
 
     @property
     def noise(self) -> ForwardDiffusion:
@@ -192,14 +204,15 @@ class EclipsePurify(DiffusionTransform):
         self, x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
     ) -> torch.Tensor:
         """The prefilter (if any), then stages 1 and 2 (no compensation) on a float batch ``(N, 3, H, W)`` in
-        ``[0, 1]``, on the denoiser's device, with explicit randomness. This is what :class:`PurifiedDataset`
-        caches."""
-        check_channels(x.shape, self.denoiser.in_channels)
+        ``[0, 1]``, with explicit randomness: on the denoiser's device when the diffusion runs, else where ``x``
+        is. This is what :class:`PurifiedDataset` caches."""
+        if self.diffusion:
+            check_channels(x.shape, self.denoiser.in_channels)
         if self.prefilter is not None:
             x = self.prefilter(x)
-        x = x.to(self.denoiser.device)
         if not self.diffusion:
             return x
+        x = x.to(self.denoiser.device)
         return EF.purify(x, self.denoiser, self.t_star, steps=self.steps, generator=generator)
 
     def _apply_batch(self, x: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:

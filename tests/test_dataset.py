@@ -163,6 +163,23 @@ def test_without_diffusion_the_one_time_stages_are_cached_and_the_grayscale_redr
         EclipsePurify(purify.denoiser, recipe="eclipse", t_star=10, diffusion="no")
 
 
+def test_the_squeeze_needs_no_denoiser_and_keys_only_what_changes_its_bytes(tmp_path):
+    squeeze = EclipsePurify()
+    assert squeeze.denoiser is None  # the bundled weights are not loaded for a recipe that never runs them
+    assert len(pickle.dumps(squeeze)) < 100_000  # what a DataLoader worker receives (23 MB with the UNet)
+    with pytest.raises(ValueError, match="no denoiser; EclipsePurify\\(recipe='eclipse'\\).forward_diffusion"):
+        _ = squeeze.forward_diffusion
+    # Any image size: the UNet's multiple of 4 does not apply where no UNet runs (30 is not a multiple of 4).
+    odd = ToyDataset(images=[torch.rand(3, 30, 30, generator=torch.Generator().manual_seed(i)) for i in range(5)])
+    ds = build(squeeze, tmp_path, dataset=odd)
+    assert ds.purified(0).shape == (3, 30, 30)
+    # The squeeze works image by image on the CPU: the batch size does not change its bytes, nor its key.
+    assert build(squeeze, tmp_path, dataset=odd, batch_size=2).cache_path == ds.cache_path
+    gray = ToyDataset(images=[torch.rand(1, H, W) for _ in range(4)])
+    with pytest.raises(ValueError, match=r"RGB images .* make grayscale images RGB first \(v2.RGB\(\)\)"):
+        build(squeeze, tmp_path, dataset=gray)
+
+
 def test_second_construction_reads_the_cache(purify, tmp_path):
     build(purify, tmp_path)
     first = CountingPurify.calls
