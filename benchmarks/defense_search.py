@@ -48,8 +48,8 @@ Candidates (``--list`` prints them):
   squeezed and grayscaled images; 3x the training cost): the squeeze takes the poisons an attacker did not craft
   through it, and the adversarial training is there for the one who did (the ADP through the recipe, whose
   noise lives in what JPEG q20 keeps).
-* ``border-despeckle-jpeg-at{2,4}``: the bench's ``border-despeckle-jpeg`` trained adversarially (PGD, L∞ 2/255
-  with 1 step, or 4/255 with 2 steps): the same question at the cheaper end.
+* ``border-despeckle-jpeg-at{1,2,4}``: the bench's ``border-despeckle-jpeg`` trained adversarially (PGD, L∞ 1/255
+  or 2/255 with 1 step, or 4/255 with 2 steps): the same question at the cheaper end.
 * ``class-equalize``: against CUDA's class-wise kernels, a blind deconvolution per class, once: every image is
   filtered with the zero-phase gain that brings its class's mean amplitude spectrum to the classes' geometric
   mean (gain clipped to [1/4, 4]), after its outermost pixel ring is replaced by the ring inside it (a
@@ -489,7 +489,7 @@ def with_pgd(base: str, name: str, epsilon: int, steps: int):
 candidate("border-despeckle-jpeg-q20-gray-at4")(
     with_pgd("border-despeckle-jpeg-q20-gray", "border-despeckle-jpeg-q20-gray-at4", 4, 2)
 )
-for _epsilon, _steps in ((2, 1), (4, 2)):
+for _epsilon, _steps in ((1, 1), (2, 1), (4, 2)):
     candidate(f"border-despeckle-jpeg-at{_epsilon}")(
         with_pgd("border-despeckle-jpeg", f"border-despeckle-jpeg-at{_epsilon}", _epsilon, _steps)
     )

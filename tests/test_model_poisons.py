@@ -242,7 +242,7 @@ def test_adp_models_the_prefilter_stages(data, tiny_folder):
 
 
 def test_straight_through_jpeg_passes_the_gradient():
-    from eclipse_transforms.bench.adp import _straight_through_jpeg
+    from eclipse_transforms.bench.crafting import _straight_through_jpeg
 
     x = torch.rand(2, 3, 16, 16, requires_grad=True)
     y = _straight_through_jpeg(x, 10)
@@ -308,6 +308,37 @@ def test_rem_budget_determinism_and_resume(data, tmp_path, monkeypatch):
     assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 2
     assert torch.equal(rem(images, labels, config=REM_TINY, progress=False, work_dir=tmp_path), expected)
     assert json.loads((tmp_path / "report.json").read_text())["train_steps"] == 4
+
+
+def test_rem_through_a_squeeze(data):
+    images, labels = data
+    assert set(REM_TINY.to_dict()) == set(REMConfig().to_dict())  # the squeeze at its defaults: the old keys
+    x = torch.rand(4, 3, 16, 16)
+    assert torch.equal(REM_TINY.defended(x, torch.Generator()), x)  # no squeeze: REM as released
+    squeezed = dataclasses.replace(
+        REM_TINY, repair_border=True, despeckle=True, despeckle_threshold=64, jpeg_quality=20, p_gray=1.0
+    )
+    assert {k: squeezed.to_dict()[k] for k in ("repair_border", "despeckle_threshold", "jpeg_quality", "p_gray")} == {
+        "repair_border": True,
+        "despeckle_threshold": 64,
+        "jpeg_quality": 20,
+        "p_gray": 1.0,
+    }
+    # The surrogate's view: the bench's squeeze, then (p_gray = 1) grayscale, with the straight-through gradient.
+    x.requires_grad_(True)
+    view = squeezed.defended(x, torch.Generator())
+    expected = EF.jpeg_compression(EF.despeckle(EF.repair_border(x.detach()), threshold=64 / 255), quality=20)
+    assert torch.allclose(view, EF.corruption_compensation(expected, p_gray=1.0, sigma=0.0), atol=1e-6)
+    view.sum().backward()
+    assert x.grad.abs().sum() > 0
+    out = rem(images, labels, config=squeezed, progress=False)
+    change = (out.int() - images.int()).abs()
+    assert out.dtype == torch.uint8 and change.max() <= 8 and change.float().mean() > 1
+    assert not torch.equal(out, rem(images, labels, config=REM_TINY, progress=False))
+    with pytest.raises(ValueError, match="p_gray"):
+        REMConfig(p_gray=1.5)
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        REMConfig(jpeg_quality=-1)
 
 
 def test_recalibrate_bn_replaces_stale_statistics_with_exact_averages():

@@ -27,7 +27,7 @@ import torch
 
 from .. import functional as EF
 from ..denoiser import dtype_name, load_denoiser
-from .crafting import freeze
+from .crafting import check_squeeze, freeze, through_squeeze
 from .em import EMConfig, min_min
 from .poisons import register_poison
 
@@ -63,12 +63,7 @@ class ADPConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
-        if not 0 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], or 0 for no JPEG; got {self.jpeg_quality}.")
-        if not 0 <= self.despeckle_threshold <= 255:
-            raise ValueError(
-                f"despeckle_threshold must be in [0, 255] (uint8 levels); got {self.despeckle_threshold}."
-            )
+        check_squeeze(self.jpeg_quality, self.despeckle_threshold)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -86,12 +81,6 @@ class ADPConfig:
             if d[name] == default:
                 del d[name]
         return d
-
-
-def _straight_through_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG in the forward pass, identity in the backward pass (the attacker's approximation of a step that has
-    no useful gradient)."""
-    return x + (EF.jpeg_compression(x.detach().clamp(0, 1), quality=quality).to(x) - x).detach()
 
 
 @register_poison("adp")
@@ -120,12 +109,12 @@ def adp(
     denoiser = freeze(load_denoiser(config.weights, device=device, dtype=config.dtype))
 
     def through_defense(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        if config.repair_border:
-            x = EF.repair_border(x)
-        if config.despeckle:
-            x = EF.despeckle(x, threshold=config.despeckle_threshold / 255)
-        if config.jpeg_quality:
-            x = _straight_through_jpeg(x, config.jpeg_quality)
+        x = through_squeeze(
+            x,
+            repair_border=config.repair_border,
+            despeckle_threshold=config.despeckle_threshold if config.despeckle else None,
+            jpeg_quality=config.jpeg_quality,
+        )
         purified = (
             EF.purify(x, denoiser, config.t_star, steps=config.purifier_steps, generator=g, differentiable=True)
             if config.diffusion

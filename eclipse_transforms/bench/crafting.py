@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
+from .. import functional as EF
 from ..denoiser import dtype_name
 from ..utils import ShardStore, atomic_write, atomic_write_json, derive_seed, keeps_global_rng
 from .models import build_model
@@ -45,6 +46,8 @@ __all__ = [
     "accuracy",
     "uniform_like",
     "precision",
+    "check_squeeze",
+    "through_squeeze",
 ]
 
 
@@ -173,6 +176,36 @@ def uniform_like(x: torch.Tensor, radius: float, generator: torch.Generator) -> 
     """``U(-radius, radius)`` noise of ``x``'s shape, drawn from a CPU ``generator`` and moved to ``x``'s device:
     a crafting run draws the same random starts on any device."""
     return ((torch.rand(x.shape, generator=generator) * 2 - 1) * radius).to(x.device)
+
+
+def check_squeeze(jpeg_quality: int, despeckle_threshold: int) -> None:
+    """Refuse squeeze settings an attack cannot model (both named as in the poison spec)."""
+    if not 0 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in [1, 100], or 0 for no JPEG; got {jpeg_quality}.")
+    if not 0 <= despeckle_threshold <= 255:
+        raise ValueError(f"despeckle_threshold must be in [0, 255] (uint8 levels); got {despeckle_threshold}.")
+
+
+def _straight_through_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG in the forward pass, identity in the backward pass (the attacker's approximation of a step that has
+    no useful gradient)."""
+    return x + (EF.jpeg_compression(x.detach().clamp(0, 1), quality=quality).to(x) - x).detach()
+
+
+def through_squeeze(
+    x: torch.Tensor, *, repair_border: bool = False, despeckle_threshold: int | None = None, jpeg_quality: int = 0
+) -> torch.Tensor:
+    """A defense's one-time squeeze as an attacker differentiates through it: the border repair (a copy, so the
+    gradient flows to the copied pixels), the despeckle at ``despeckle_threshold`` uint8 levels (None: none;
+    a replaced pixel passes the gradient to its median's source), then JPEG at ``jpeg_quality`` (0: none) through
+    a straight-through estimator (forward: the real JPEG; backward: identity, BPDA)."""
+    if repair_border:
+        x = EF.repair_border(x)
+    if despeckle_threshold is not None:
+        x = EF.despeckle(x, threshold=despeckle_threshold / 255)
+    if jpeg_quality:
+        x = _straight_through_jpeg(x, jpeg_quality)
+    return x
 
 
 def sgd(model: torch.nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:

@@ -17,22 +17,26 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
+from .. import functional as EF
 from ..utils import derive_seed, quantize
 from .classifier import random_crop_flip
 from .crafting import (
     CraftingConfig,
     CraftState,
+    check_squeeze,
     craft_in_shards,
     crafting_meta,
     freeze,
     precision,
     sgd,
     surrogate,
+    through_squeeze,
     uniform_like,
     work_root,
 )
@@ -63,6 +67,51 @@ class REMConfig(CraftingConfig):
     shard_size: int = 2048
     widths: tuple[int, ...] = (32, 64, 128)  # ours: the bench's compact CNN
     dtype: str = "float32"  # ours: "bfloat16" crafts under autocast (see CraftingConfig)
+    # Ours: REM through a defense's squeeze, for a defense that adds adversarial training to it. The surrogate sees
+    # t(C(S(x + δ))) + ρ: S the squeeze as in ADP (border repair, despeckle at despeckle_threshold uint8 levels, JPEG
+    # at jpeg_quality through a straight-through estimator; crafting.through_squeeze), C the per-epoch grayscale
+    # with probability p_gray, drawn afresh for every EOT sample (expectation over its randomness).
+    repair_border: bool = False
+    despeckle: bool = False
+    despeckle_threshold: int = 32
+    jpeg_quality: int = 0
+    p_gray: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_squeeze(self.jpeg_quality, self.despeckle_threshold)
+        if not 0 <= self.p_gray <= 1:
+            raise ValueError(f"p_gray must be in [0, 1]; got {self.p_gray}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        # The squeeze came after REM was first crafted: keyed only when changed, so earlier keys stay valid.
+        for name, default in _SQUEEZE_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
+        return d
+
+    def defended(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """What the defense makes of the perturbed batch ``x`` before the training augmentation (identity by
+        default)."""
+        x = through_squeeze(
+            x,
+            repair_border=self.repair_border,
+            despeckle_threshold=self.despeckle_threshold if self.despeckle else None,
+            jpeg_quality=self.jpeg_quality,
+        )
+        if self.p_gray:
+            x = EF.corruption_compensation(x, p_gray=self.p_gray, sigma=0.0, generator=g)
+        return x
+
+
+_SQUEEZE_DEFAULTS = {
+    "repair_border": False,
+    "despeckle": False,
+    "despeckle_threshold": 32,
+    "jpeg_quality": 0,
+    "p_gray": 0.0,
+}
 
 
 def _robust_noise(
@@ -76,13 +125,13 @@ def _robust_noise(
         d.requires_grad_(True)
         grad = torch.zeros_like(x)
         for _ in range(config.eot_samples):
-            view = random_crop_flip((x + d).clamp(0, 1), config.translate, True, g)
+            view = random_crop_flip(config.defended((x + d).clamp(0, 1), g), config.translate, True, g)
             rho = _adversary(model, view.detach(), y, config, g)
             loss = nnf.cross_entropy(model((view + rho).clamp(0, 1).contiguous(memory_format=torch.channels_last)), y)
             grad += torch.autograd.grad(loss, d)[0]
         d = (d.detach() - config.step_size * grad.sign()).clamp(-eps, eps)
         d = (x + d).clamp(0, 1) - x
-    view = random_crop_flip((x + d).clamp(0, 1), config.translate, True, g)
+    view = random_crop_flip(config.defended((x + d).clamp(0, 1), g), config.translate, True, g)
     return d, (view + _adversary(model, view, y, config, g)).clamp(0, 1)
 
 
