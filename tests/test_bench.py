@@ -338,6 +338,31 @@ def test_pgd_stays_in_the_ball_and_raises_the_loss():
     assert get_defense("adv-training").adversarial_epsilon == pytest.approx(8 / 255)
 
 
+def test_pgd_can_stop_after_the_first_epochs(monkeypatch):
+    calls = []
+    real = classifier._pgd
+
+    def counting(model, x, *args):
+        calls.append(len(x))
+        return real(model, x, *args)
+
+    monkeypatch.setattr(classifier, "_pgd", counting)
+    images = torch.randint(0, 256, (32, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    labels = torch.arange(32) % 2
+    recipe = Recipe(widths=(4, 4, 4), epochs=3, batch_size=16, adversarial_epsilon=2 / 255, adversarial_steps=1)
+    train_classifier(images, labels, images[:8], labels[:8], recipe, progress=False)
+    assert len(calls) == 6  # 2 batches x 3 epochs
+    calls.clear()
+    first = dataclasses.replace(recipe, adversarial_epochs=1)
+    train_classifier(images, labels, images[:8], labels[:8], first, progress=False)
+    assert len(calls) == 2  # the first epoch only
+    # Keyed only when set: every earlier cell keeps its key.
+    assert "adversarial_epochs" not in recipe.to_dict() and first.to_dict()["adversarial_epochs"] == 1
+    assert Recipe.from_dict(first.to_dict()) == first
+    with pytest.raises(ValueError, match="adversarial_epochs must be >= 1"):
+        Recipe(adversarial_epochs=0)
+
+
 def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
     seen = {}
 
@@ -352,7 +377,9 @@ def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
         }
 
     monkeypatch.setattr(runner, "train_classifier", spy)
-    light = Defense("light-at", adversarial_epsilon=4 / 255, adversarial_steps=2, options={"pgd": "4/255, 2"})
+    light = Defense(
+        "light-at", adversarial_epsilon=4 / 255, adversarial_steps=2, adversarial_epochs=3, options={"pgd": "4/255, 2"}
+    )
     monkeypatch.setattr(runner, "get_defense", lambda name, context=None: light)
     config = BenchConfig(
         data=str(toy_cifar),
@@ -366,6 +393,7 @@ def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
     )
     runner._Run(config).run_cell("urp", "light-at")
     assert seen["recipe"].adversarial_epsilon == pytest.approx(4 / 255) and seen["recipe"].adversarial_steps == 2
+    assert seen["recipe"].adversarial_epochs == 3
     assert get_defense("adv-training").adversarial_steps == 10  # the registered row keeps PGD-10
 
 

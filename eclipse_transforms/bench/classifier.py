@@ -49,11 +49,14 @@ class Recipe:
     tta: bool = True
     adversarial_epsilon: float = 0.0
     adversarial_steps: int = 10
+    adversarial_epochs: int | None = None  # PGD in the first k epochs only (None: every epoch)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}.")
+        if self.adversarial_epochs is not None and self.adversarial_epochs < 1:
+            raise ValueError(f"recipe adversarial_epochs must be >= 1 or None, got {self.adversarial_epochs}.")
         if self.lr <= 0:
             raise ValueError(f"recipe lr must be > 0, got {self.lr}.")
         if not 0 <= self.warmup < 1:
@@ -61,7 +64,10 @@ class Recipe:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if d["adversarial_epochs"] is None:  # added later: absent at its default, so earlier keys stay valid
+            del d["adversarial_epochs"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
@@ -222,7 +228,7 @@ def fit_classifier(
             x = random_crop_flip(x, recipe.crop_padding, recipe.flip, g)
             x = x.to(device).contiguous(memory_format=torch.channels_last)
             y = labels[idx].to(device)
-            if recipe.adversarial_epsilon > 0:
+            if recipe.adversarial_epsilon > 0 and epoch < (recipe.adversarial_epochs or recipe.epochs):
                 x = _pgd(model, x, y, recipe.adversarial_epsilon, recipe.adversarial_steps, g)
             out = model(x)
             loss = nnf.cross_entropy(out, y, label_smoothing=recipe.label_smoothing)

@@ -63,6 +63,7 @@ class Defense:
     epoch_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     adversarial_epsilon: float = 0.0
     adversarial_steps: int = 10  # PGD steps per batch when ``adversarial_epsilon`` > 0
+    adversarial_epochs: int | None = None  # PGD in the first k epochs only (None: every epoch)
     options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -316,7 +316,10 @@ class _Run:
         work = self.cache / "training" / key  # the training's per-epoch state: an interrupted cell resumes
         if defense.adversarial_epsilon:
             recipe = dataclasses.replace(
-                recipe, adversarial_epsilon=defense.adversarial_epsilon, adversarial_steps=defense.adversarial_steps
+                recipe,
+                adversarial_epsilon=defense.adversarial_epsilon,
+                adversarial_steps=defense.adversarial_steps,
+                adversarial_epochs=defense.adversarial_epochs,
             )
         result = train_classifier(
             images,
