@@ -6,6 +6,7 @@ PurifiedDataset. Everything else is a plain PyTorch loop.
     python examples/train_classifier.py --data ../shared/data/cifar10/cifar10.npz --subset 5000 --epochs 10
     python examples/train_classifier.py --data ~/data/cifar10 --defense none     # torchvision root, no defense
     python examples/train_classifier.py --defense eclipse                        # the paper's recipe
+    python examples/train_classifier.py --pgd-epsilon 1   # + one-step PGD, against an attacker who crafts through it
 
 Test accuracy is measured on the CIFAR-10 test images *not* in the denoiser's sparse set.
 """
@@ -66,6 +67,19 @@ def small_cnn(num_classes: int = 10) -> nn.Module:
     )
 
 
+def pgd_one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``x`` moved to raise the loss: a random start in the L∞ ball of ``epsilon``, one signed step of 2.5·ε, clipped
+    to the ball and to [0, 1] (the bench's PGD with one step). Training on it keeps an error-minimising noise that
+    survived the squeeze from being a shortcut (benchmarks/results/defense-search, "How much adversarial training")."""
+    delta = (torch.rand_like(x) * 2 - 1).mul_(epsilon).requires_grad_(True)
+    model.eval()  # batch-norm statistics are not updated by the attack's forward pass
+    loss = nn.functional.cross_entropy(model((x + delta).clamp(0, 1)), y)
+    (grad,) = torch.autograd.grad(loss, delta)
+    model.train()
+    delta = (delta.detach() + 2.5 * epsilon * grad.sign()).clamp(-epsilon, epsilon)
+    return (x + delta).clamp(0, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz"))
@@ -84,7 +98,16 @@ def main() -> None:
     parser.add_argument(
         "--poison", default=None, help="poison the training subset first: " + ", ".join(list_poisons())
     )
+    parser.add_argument(
+        "--pgd-epsilon",
+        type=float,
+        default=0.0,
+        help="train on one-step PGD examples of this L∞ radius, in uint8 levels (0: off; 1 = 1/255 held the attack "
+        "crafted through the squeeze at 54.7 %% against 42.1 %%, for 2.8 points of clean accuracy, quick tier)",
+    )
     args = parser.parse_args()
+    if args.pgd_epsilon < 0:
+        parser.error(f"--pgd-epsilon must be >= 0 (uint8 levels, e.g. 1 for 1/255), got {args.pgd_epsilon}.")
     torch.manual_seed(0)
 
     train_set, test_set = load_image_set(args.data, split="train"), load_image_set(args.data, split="test")
@@ -124,7 +147,9 @@ def main() -> None:
     model = small_cnn()
     steps = args.epochs * -(-len(train) // args.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.25)
+    # 25 % warm-up, at least 2 steps (OneCycleLR divides by the warm-up length minus one: short runs need it)
+    warmup = min(0.5, max(0.25, 2 / steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=warmup)
     loader = DataLoader(
         train,
         batch_size=args.batch_size,
@@ -137,6 +162,8 @@ def main() -> None:
         model.train()
         t0, seen, correct = time.perf_counter(), 0, 0
         for x, y in loader:
+            if args.pgd_epsilon:
+                x = pgd_one_step(model, x, y, args.pgd_epsilon / 255)
             out = model(x)
             loss = nn.functional.cross_entropy(out, y, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
@@ -160,6 +187,7 @@ def main() -> None:
             {
                 "poison": args.poison,
                 "defense": args.defense,
+                "pgd_epsilon": args.pgd_epsilon,
                 "subset": len(train),
                 "epochs": args.epochs,
                 "test_accuracy": accuracy,
