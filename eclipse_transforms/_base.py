@@ -84,9 +84,9 @@ class DiffusionTransform(ImageTransform):
     """Base of the transforms that hold a :class:`~eclipse_transforms.Denoiser` and a seed.
 
     ``denoiser`` is a ``Denoiser``, a folder or Hub repo id (loaded with ``revision``), or ``None`` for the
-    bundled weights (or for no denoiser at all, with ``required=False``). With an int ``seed`` every image's randomness is derived from ``(seed, image content)``, so
-    the output is a function of the image alone (batched == unbatched); with ``None`` a fresh seed is drawn
-    from torch's global RNG on every call.
+    bundled weights (or for no denoiser at all, with ``required=False``). With an int ``seed`` every image's
+    randomness is derived from ``(seed, image content)``, so the output is a function of the image alone (batched
+    == unbatched); with ``None`` a fresh seed is drawn from torch's global RNG on every call.
     """
 
     def __init__(

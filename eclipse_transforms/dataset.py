@@ -71,9 +71,9 @@ class PurifiedDataset(Dataset):
     device type; later constructions with the same key read the cache instead. Image ``i`` uses randomness derived
     from ``(seed, i)`` only, but the UNet's float rounding depends on the batch's shape and the hardware (another
     batch size moved a few pixels by one level), so with the diffusion ``batch_size`` and the device type are part
-    of the key: a cache entry always holds the bytes of one build. A build that is interrupted resumes from its last complete
-    shard; a shard whose bytes do not match its checksum is rebuilt; a second process building the same entry
-    waits for the first and then reads its result.
+    of the key: a cache entry always holds the bytes of one build. A build that is interrupted resumes from its
+    last complete shard; a shard whose bytes do not match its checksum is rebuilt; a second process building the
+    same entry waits for the first and then reads its result.
 
     Under ``torchrun`` (any script that has called ``torch.distributed.init_process_group``), every rank builds its
     own share of the shards and all ranks return the same dataset; the cache is byte-identical to a one-process

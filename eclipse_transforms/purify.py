@@ -103,8 +103,9 @@ class EclipsePurify(DiffusionTransform):
 
     Input: float images in ``[0, 1]`` of shape ``(3, H, W)`` or ``(..., 3, H, W)``, uint8 tensors,
     ``tv_tensors.Image`` or RGB PIL images; where the diffusion runs, H and W multiples of
-    ``denoiser.size_multiple`` (4 for the bundled weights, trained on 32x32). The output keeps the input's type, dtype and device; uint8 and PIL outputs are
-    rounded to the nearest level. Labels and other non-image leaves pass through.
+    ``denoiser.size_multiple`` (4 for the bundled weights, trained on 32x32). The output keeps the input's type,
+    dtype and device; uint8 and PIL outputs are rounded to the nearest level. Labels and other non-image leaves
+    pass through.
 
     Example:
         >>> from torchvision.transforms import v2
