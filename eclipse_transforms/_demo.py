@@ -118,6 +118,7 @@ def run_demo(
     path.parent.mkdir(parents=True, exist_ok=True)
     F.to_pil_image(grid).save(path)
 
+    device = den.device if purify.diffusion else clean.device  # where purify_batch ran
     poison_l2 = (poisoned - clean).flatten(1).norm(dim=1).mean().item()
     residue = (purified - purified_clean).flatten(1)
     residue_l2 = residue.norm(dim=1).mean().item()
@@ -133,7 +134,7 @@ def run_demo(
         "poison L2 per image": f"{poison_l2:.3f}",
         "poison residue L2 after purification": f"{residue_l2:.3f} ({100 * residue_l2 / poison_l2:.1f}% of the poison's)",
         "poison pattern kept (the residue projected on the poison)": f"{100 * kept:.1f}%",
-        "purification speed": f"{len(clean) / seconds:.1f} images/s on {den.device if purify.diffusion else clean.device} (one warm batch of "
+        "purification speed": f"{len(clean) / seconds:.1f} images/s on {device} (one warm batch of "
         f"{len(clean)}; larger batches are faster, see benchmarks/bench_throughput.py)",
         "grid (rows: clean, poisoned, poison x16, purified, residue x16, compensated)": str(path),
     }

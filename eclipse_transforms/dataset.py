@@ -213,7 +213,7 @@ class PurifiedDataset(Dataset):
                 raise ValueError(f"dataset image {i} must be one image (C, H, W), got shape {tuple(x.shape)}.")
             if shape is None:
                 shape = tuple(x.shape[1:])
-                if den is not None and self.purify.diffusion:
+                if self.purify.diffusion:  # the UNet's sizes and channels (a squeeze checks its own)
                     EF.check_images(x, den, f"dataset image {i}", check_range=False)
             elif tuple(x.shape[1:]) != shape:
                 raise ValueError(

@@ -63,7 +63,7 @@ class ADPConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
-        check_squeeze(self.jpeg_quality, self.despeckle_threshold)
+        check_squeeze(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -109,12 +109,7 @@ def adp(
     denoiser = freeze(load_denoiser(config.weights, device=device, dtype=config.dtype))
 
     def through_defense(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        x = through_squeeze(
-            x,
-            repair_border=config.repair_border,
-            despeckle_threshold=config.despeckle_threshold if config.despeckle else None,
-            jpeg_quality=config.jpeg_quality,
-        )
+        x = through_squeeze(x, config)
         purified = (
             EF.purify(x, denoiser, config.t_star, steps=config.purifier_steps, generator=g, differentiable=True)
             if config.diffusion

@@ -178,12 +178,12 @@ def uniform_like(x: torch.Tensor, radius: float, generator: torch.Generator) -> 
     return ((torch.rand(x.shape, generator=generator) * 2 - 1) * radius).to(x.device)
 
 
-def check_squeeze(jpeg_quality: int, despeckle_threshold: int) -> None:
-    """Refuse squeeze settings an attack cannot model (both named as in the poison spec)."""
-    if not 0 <= jpeg_quality <= 100:
-        raise ValueError(f"jpeg_quality must be in [1, 100], or 0 for no JPEG; got {jpeg_quality}.")
-    if not 0 <= despeckle_threshold <= 255:
-        raise ValueError(f"despeckle_threshold must be in [0, 255] (uint8 levels); got {despeckle_threshold}.")
+def check_squeeze(config: Any) -> None:
+    """Refuse squeeze settings an attack cannot model (``config``: an ADP or REM config; named as in the spec)."""
+    if not 0 <= config.jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in [1, 100], or 0 for no JPEG; got {config.jpeg_quality}.")
+    if not 0 <= config.despeckle_threshold <= 255:
+        raise ValueError(f"despeckle_threshold must be in [0, 255] (uint8 levels); got {config.despeckle_threshold}.")
 
 
 def _straight_through_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
@@ -192,19 +192,18 @@ def _straight_through_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     return x + (EF.jpeg_compression(x.detach().clamp(0, 1), quality=quality).to(x) - x).detach()
 
 
-def through_squeeze(
-    x: torch.Tensor, *, repair_border: bool = False, despeckle_threshold: int | None = None, jpeg_quality: int = 0
-) -> torch.Tensor:
-    """A defense's one-time squeeze as an attacker differentiates through it: the border repair (a copy, so the
-    gradient flows to the copied pixels), the despeckle at ``despeckle_threshold`` uint8 levels (None: none;
-    a replaced pixel passes the gradient to its median's source), then JPEG at ``jpeg_quality`` (0: none) through
-    a straight-through estimator (forward: the real JPEG; backward: identity, BPDA)."""
-    if repair_border:
+def through_squeeze(x: torch.Tensor, config: Any) -> torch.Tensor:
+    """A defense's one-time squeeze as an attacker differentiates through it, as ``config`` (an ADP or REM config)
+    sets it: the border repair if ``repair_border`` (a copy, so the gradient flows to the copied pixels), the
+    despeckle at ``despeckle_threshold`` uint8 levels if ``despeckle`` (a replaced pixel passes the gradient to its
+    median's source), then JPEG at ``jpeg_quality`` (0: none) through a straight-through estimator (forward: the
+    real JPEG; backward: identity, BPDA)."""
+    if config.repair_border:
         x = EF.repair_border(x)
-    if despeckle_threshold is not None:
-        x = EF.despeckle(x, threshold=despeckle_threshold / 255)
-    if jpeg_quality:
-        x = _straight_through_jpeg(x, jpeg_quality)
+    if config.despeckle:
+        x = EF.despeckle(x, threshold=config.despeckle_threshold / 255)
+    if config.jpeg_quality:
+        x = _straight_through_jpeg(x, config.jpeg_quality)
     return x
 
 

@@ -79,7 +79,7 @@ class REMConfig(CraftingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_squeeze(self.jpeg_quality, self.despeckle_threshold)
+        check_squeeze(self)
         if not 0 <= self.p_gray <= 1:
             raise ValueError(f"p_gray must be in [0, 1]; got {self.p_gray}.")
 
@@ -94,12 +94,7 @@ class REMConfig(CraftingConfig):
     def defended(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """What the defense makes of the perturbed batch ``x`` before the training augmentation (identity by
         default)."""
-        x = through_squeeze(
-            x,
-            repair_border=self.repair_border,
-            despeckle_threshold=self.despeckle_threshold if self.despeckle else None,
-            jpeg_quality=self.jpeg_quality,
-        )
+        x = through_squeeze(x, self)
         if self.p_gray:
             x = EF.corruption_compensation(x, p_gray=self.p_gray, sigma=0.0, generator=g)
         return x
