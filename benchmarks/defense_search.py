@@ -83,6 +83,13 @@ Candidates (``--list`` prints them):
   (4:4:4; Pillow's default, used everywhere else, halves the chroma in both directions, 4:2:0): 26.0 dB against
   25.2 dB on 1,000 clean CIFAR-10 test images (q30 4:2:0: 26.4). Does the detail it keeps lower the clean cost,
   and does the poison come back with it?
+* ``border-despeckle-csjpeg-q{15,20}``: the bench's ``border-despeckle-jpeg`` with the JPEG cycle-spun: the
+  image through JPEG once for each of 16 offsets of the block grid (4-pixel steps over the 16x16 macroblock),
+  the 16 decodings averaged. On 1,000 clean images of the quick subset it keeps more of the image than one JPEG
+  (q20: 26.4 dB against 24.6; q15: 25.8; q10: 24.8) and less of TAP's perturbation along its own direction
+  (the projection of what comes through on the perturbation, over its norm: q20 0.23, q15 0.20, q10 0.15,
+  against 0.22 for one JPEG q20 and 0.28 for q30). Does the network see that as one JPEG of a higher quality
+  for the clean cost, and of a lower one for the poisons?
 * ``cuda-oracle-deconvolve`` / ``cuda-oracle-deconvolve-displace-0.8``: diagnostics, not defenses: every class
   Wiener-deconvolved with the true kernel of the bench's CUDA set (seed 0), alone or before COIN's displacement.
 """
@@ -470,6 +477,35 @@ def _border_despeckle_jpeg444(context: DefenseContext) -> Defense:
         epoch_transform=compensation(p_gray=0.4, sigma=0.0),
         options={"ring": 1, "threshold": 64, "quality": 20, "subsampling": "4:4:4", "p_gray": 0.4},
     )
+
+
+def cycle_spun_jpeg(images: torch.Tensor, quality: int, step: int = 4) -> torch.Tensor:
+    """uint8 ``(N, 3, H, W)`` through JPEG at ``quality`` once for every offset of the block grid on a ``step``-pixel
+    lattice of the 16x16 macroblock (4:2:0 chroma), averaged: each copy is padded by reflection so that its grid
+    starts ``(dy, dx)`` pixels before the image's, encoded, decoded and cropped back. Every copy quantises the DCT
+    of its own blocks; the average has no block edges and keeps more of the image than any one copy."""
+    height, width = images.shape[-2:]
+    total = torch.zeros(images.shape, dtype=torch.float64)
+    offsets = range(0, 16, step)
+    for dy in offsets:
+        for dx in offsets:
+            pad = (dx, -(width + dx) % 16, dy, -(height + dy) % 16)
+            padded = torch.nn.functional.pad(images.float(), pad, mode="reflect").to(torch.uint8)
+            total += jpeg(padded, quality)[..., dy : dy + height, dx : dx + width].double()
+    return total.div_(len(offsets) ** 2).round_().clamp_(0, 255).to(torch.uint8)
+
+
+for _quality in (15, 20):
+
+    def _border_despeckle_csjpeg_factory(context: DefenseContext, quality: int = _quality) -> Defense:
+        return Defense(
+            f"border-despeckle-csjpeg-q{quality}",
+            prepare=lambda x, y: cycle_spun_jpeg(despeckle(repair_border(x), 64), quality),
+            epoch_transform=compensation(p_gray=0.4, sigma=0.0),
+            options={"ring": 1, "threshold": 64, "quality": quality, "grid_offsets": "4x4, step 4", "p_gray": 0.4},
+        )
+
+    candidate(f"border-despeckle-csjpeg-q{_quality}")(_border_despeckle_csjpeg_factory)
 
 
 def with_pgd(base: str, name: str, epsilon: int, steps: int, epochs: int | None = None):
