@@ -80,3 +80,17 @@ def test_the_library_squeeze_is_the_defense_search_candidate_on_uint8_images():
     gray = (out.amax(1) - out.amin(1)).flatten(1).amax(1) == 0
     torch.testing.assert_close(out[~gray], bench[~gray].float() / 255)  # untouched but for the grayscale
     assert gray.any() and not gray.all()  # p = 0.4 over 6 images with this seed: some, not all
+
+
+def test_a_large_batch_is_despeckled_in_chunks_with_the_same_result(monkeypatch):
+    # The median's 3x3 neighbourhoods take 9x the batch: a whole training set (the bench's prepare) is taken a
+    # chunk at a time, and the chunks must not change a value.
+    x = torch.rand(7, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    whole = EF.despeckle(x)
+    monkeypatch.setattr(EF, "_DESPECKLE_CHUNK_PIXELS", 2 * 3 * 8 * 8)  # 2 images a chunk: 4 chunks, the last short
+    calls = []
+    median = EF._median3x3
+    monkeypatch.setattr(EF, "_median3x3", lambda part: calls.append(len(part)) or median(part))
+    assert torch.equal(EF.despeckle(x), whole)
+    assert calls == [2, 2, 2, 1]
+    assert EF.despeckle(x[:0]).shape == (0, 3, 8, 8)
