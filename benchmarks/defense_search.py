@@ -90,6 +90,10 @@ Candidates (``--list`` prints them):
   (the projection of what comes through on the perturbation, over its norm: q20 0.23, q15 0.20, q10 0.15,
   against 0.22 for one JPEG q20 and 0.28 for q30). Does the network see that as one JPEG of a higher quality
   for the clean cost, and of a lower one for the poisons?
+* ``border-despeckle-jpeg-hue``: the bench's ``border-despeckle-jpeg`` with every image's hue rotated by its own
+  random angle every epoch, before the grayscale: LSP's class-wise colour patches lose their direction in colour
+  space, while an image keeps its channels' mean and its saturation (grayscale alone takes LSP at a small clean cost:
+  ``iss-gray``). Is a colour that never means the same twice cheaper than no colour 40 % of the time?
 * ``cuda-oracle-deconvolve`` / ``cuda-oracle-deconvolve-displace-0.8``: diagnostics, not defenses: every class
   Wiener-deconvolved with the true kernel of the bench's CUDA set (seed 0), alone or before COIN's displacement.
 """
@@ -506,6 +510,30 @@ for _quality in (15, 20):
         )
 
     candidate(f"border-despeckle-csjpeg-q{_quality}")(_border_despeckle_csjpeg_factory)
+
+
+def random_hue(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Every float image ``(N, 3, H, W)`` rotated about the RGB cube's gray axis by its own angle, uniform in
+    [0, 2 pi) (a hue rotation: the channels' mean and the distance from gray are kept, the direction of the colour
+    is redrawn), then clamped to [0, 1]."""
+    theta = torch.rand(len(x), generator=generator) * (2 * torch.pi)
+    cos, sin = theta.cos().view(-1, 1, 1), theta.sin().view(-1, 1, 1)
+    axis = torch.full((3,), 3**-0.5)
+    cross = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    rotation = cos * torch.eye(3) + sin * cross + (1 - cos) * torch.outer(axis, axis)  # Rodrigues, one per image
+    return torch.einsum("nij,njhw->nihw", rotation.to(x.dtype), x).clamp_(0, 1)
+
+
+@candidate("border-despeckle-jpeg-hue")
+def _border_despeckle_jpeg_hue(context: DefenseContext) -> Defense:
+    defense = get_defense("border-despeckle-jpeg", context)
+    gray = defense.epoch_transform
+    return replace(
+        defense,
+        name="border-despeckle-jpeg-hue",
+        epoch_transform=lambda x, g: gray(random_hue(x, g), g),
+        options={**defense.options, "hue": "uniform rotation per image and epoch, before the grayscale"},
+    )
 
 
 def with_pgd(base: str, name: str, epsilon: int, steps: int, epochs: int | None = None):
