@@ -5,10 +5,11 @@ squeeze), and on both (softmax averaged).
 A defense that removes detail from the training images (JPEG) trains the network on images unlike the clean ones it
 is tested on. If that mismatch were the clean-data cost, squeezing the test images too would give it back.
 
-    python benchmarks/test_time_squeeze.py --data ../shared/data/cifar10/cifar10.npz --cache-dir .devdata/bench-cache
+    python benchmarks/test_time_squeeze.py --data ../shared/data/cifar10/cifar10.npz
 
-prints one JSON line. Same subset, recipe, seed, test set and epoch transform as the bench's cell (its clean-test
-accuracy reproduces the cell's), one seed.
+prints one JSON line. Clean training data, with the bench's subset, recipe, seed, test set (without the bundled
+denoiser's sparse set) and epoch transform: at one torch thread (``OMP_NUM_THREADS=1``, as the bench's cells ran)
+its clean-test accuracy reproduces the bench's clean cell. One seed.
 """
 
 from __future__ import annotations
@@ -17,43 +18,41 @@ import argparse
 import json
 import sys
 
+import numpy as np
 import torch
 
-from eclipse_transforms.bench import get_defense
+from eclipse_transforms.bench import TIERS, get_defense
 from eclipse_transforms.bench.classifier import fit_classifier
-from eclipse_transforms.bench.runner import BenchConfig, _Run  # the bench's own data, subset and test split
+from eclipse_transforms.bench.runner import balanced_subset
+from eclipse_transforms.denoiser import bundled_weights_path
+from eclipse_transforms.utils import load_image_set, load_indices
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="CIFAR-10 .npz or torchvision root, as for the bench")
-    parser.add_argument("--cache-dir", default=None, help="the bench's cache (poisoned sets)")
-    parser.add_argument("--tier", default="quick")
-    parser.add_argument("--poison", default="clean", help="'clean' or a bench poison spec (crafted if not cached)")
+    parser.add_argument("--tier", default="quick", choices=sorted(TIERS))
     parser.add_argument("--defense", default="border-despeckle-jpeg")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    poisons = "urp" if args.poison == "clean" else args.poison  # the config needs one; only `poisoned` reads it
-    config = BenchConfig(
-        data=args.data,
-        cache_dir=args.cache_dir,
-        tier=args.tier,
-        poisons=poisons,
-        defenses=args.defense,
-        output_dir="unused",
-        progress=False,
-    )
-    run = _Run(config)
-    defense = get_defense(args.defense, run.context)
+    # the bench's data: the tier's class-balanced subset, the test set without the denoiser's sparse set
+    train, test = load_image_set(args.data, split="train"), load_image_set(args.data, split="test")
+    idx = balanced_subset(train.labels, TIERS[args.tier].subset or None, args.seed)
+    images, labels = train.images[idx].contiguous(), train.labels[idx].contiguous()
+    sparse = bundled_weights_path().parent / "cifar10_sparse_indices.json"
+    keep = torch.from_numpy(np.setdiff1d(np.arange(len(test.labels)), np.asarray(load_indices(sparse))))
+    test_images, test_labels = test.images[keep].contiguous(), test.labels[keep].long()
+
+    defense = get_defense(args.defense)
     if defense.prepare is None:
         parser.error(f"--defense {args.defense} has no one-time stage to apply to the test images.")
-    images = run.images if args.poison == "clean" else run.poisoned(args.poison)[0]
     model, _ = fit_classifier(
-        defense.prepare(images, run.labels),
-        run.labels,
-        run.recipe,
+        defense.prepare(images, labels),
+        labels,
+        TIERS[args.tier].recipe,
         num_classes=10,
         epoch_transform=defense.epoch_transform,
-        seed=config.seed,
+        seed=args.seed,
         progress=False,
     )
     model.eval()
@@ -63,17 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         x = x.float().div(255).contiguous(memory_format=torch.channels_last)
         return torch.cat([(model(b) + model(b.flip(-1))).softmax(1) for b in x.split(1000)])
 
-    clean = probabilities(run.test_images)
-    squeezed = probabilities(defense.prepare(run.test_images, run.test_labels))
+    clean = probabilities(test_images)
+    squeezed = probabilities(defense.prepare(test_images, test_labels))
 
     def accuracy(p: torch.Tensor) -> float:
-        return round((p.argmax(1) == run.test_labels).float().mean().item(), 4)
+        return round((p.argmax(1) == test_labels).float().mean().item(), 4)
 
     result = {
         "tier": args.tier,
-        "poison": args.poison,
         "defense": args.defense,
-        "seed": config.seed,
+        "seed": args.seed,
+        "test_images": len(test_labels),
         "clean_test": accuracy(clean),
         "squeezed_test": accuracy(squeezed),
         "both": accuracy(clean + squeezed),
