@@ -269,8 +269,8 @@ def despeckle(x: torch.Tensor, *, threshold: float = 32 / 255) -> torch.Tensor:
         True
     """
     # the 3x3 neighbourhoods are 9 copies of the batch: a few thousand CIFAR-10 images at a time, not 50,000 at once
-    chunk = max(1, _DESPECKLE_CHUNK_PIXELS // max(1, x[0].numel() if len(x) else 1))
-    median = torch.cat([_median3x3(part) for part in x.split(chunk)]) if len(x) else x.clone()
+    chunk = max(1, _DESPECKLE_CHUNK_PIXELS // max(1, x.shape[1:].numel()))
+    median = torch.cat([_median3x3(part) for part in x.split(chunk)])  # an empty batch is one empty chunk
     # 1e-6: a uint8 difference of exactly the threshold (in levels) is not an outlier, whatever the float rounding
     outlier = (x - median).abs().amax(1, keepdim=True) > threshold + 1e-6
     return torch.where(outlier, median, x)
