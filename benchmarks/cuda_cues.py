@@ -26,8 +26,7 @@ import torch
 from eclipse_transforms import Despeckle, RepairBorder
 from eclipse_transforms.bench.defenses import jpeg
 from eclipse_transforms.bench.poisons import get_poison
-from eclipse_transforms.bench.runner import TIERS, balanced_subset
-from eclipse_transforms.utils import load_image_set
+from eclipse_transforms.bench.runner import TIERS, load_bench_data
 
 
 def spectrum_features(x: torch.Tensor, crop: int = 3) -> torch.Tensor:
@@ -87,9 +86,8 @@ def main() -> None:
     parser.add_argument("--fit", type=int, default=8000, help="images the probes are fitted on; the rest score")
     args = parser.parse_args()
     torch.manual_seed(0)
-    train = load_image_set(args.data, split="train")
-    idx = balanced_subset(train.labels, TIERS["quick"].subset, args.seed)
-    images, labels = train.images[idx], train.labels[idx]
+    data = load_bench_data(args.data, TIERS["quick"].subset, args.seed)
+    images, labels = data.images, data.labels
     poisoned = get_poison("cuda")(images, labels, seed=args.seed)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))  # mix the classes
     images, labels, poisoned = images[order], labels[order], poisoned[order]

@@ -18,14 +18,12 @@ import argparse
 import json
 import sys
 
-import numpy as np
 import torch
 
 from eclipse_transforms.bench import TIERS, get_defense
 from eclipse_transforms.bench.classifier import fit_classifier
-from eclipse_transforms.bench.runner import balanced_subset
+from eclipse_transforms.bench.runner import load_bench_data
 from eclipse_transforms.denoiser import bundled_weights_path
-from eclipse_transforms.utils import load_image_set, load_indices
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,12 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     # the bench's data: the tier's class-balanced subset, the test set without the denoiser's sparse set
-    train, test = load_image_set(args.data, split="train"), load_image_set(args.data, split="test")
-    idx = balanced_subset(train.labels, TIERS[args.tier].subset or None, args.seed)
-    images, labels = train.images[idx].contiguous(), train.labels[idx].contiguous()
     sparse = bundled_weights_path().parent / "cifar10_sparse_indices.json"
-    keep = torch.from_numpy(np.setdiff1d(np.arange(len(test.labels)), np.asarray(load_indices(sparse))))
-    test_images, test_labels = test.images[keep].contiguous(), test.labels[keep].long()
+    data = load_bench_data(args.data, TIERS[args.tier].subset or None, args.seed, exclude_test=sparse)
+    images, labels, test_images, test_labels = data.images, data.labels, data.test_images, data.test_labels
 
     defense = get_defense(args.defense)
     if defense.prepare is None:

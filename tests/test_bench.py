@@ -17,7 +17,7 @@ from eclipse_transforms.bench.classifier import Recipe, random_crop_flip, train_
 from eclipse_transforms.bench.defenses import Defense, DefenseContext, get_defense, grayscale, jpeg, list_defenses
 from eclipse_transforms.bench.rem import REMConfig
 from eclipse_transforms.bench.report import accuracy_grid, format_table
-from eclipse_transforms.bench.runner import BenchConfig, balanced_subset, run_bench
+from eclipse_transforms.bench.runner import BenchConfig, balanced_subset, load_bench_data, run_bench
 from eclipse_transforms.bench.specs import parse_poison
 
 
@@ -209,6 +209,21 @@ def toy_cifar(tmp_path):
     path = tmp_path / "toy.npz"
     np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
     return path
+
+
+def test_load_bench_data_is_the_balanced_subset_and_the_test_split_without_the_excluded(toy_cifar, tmp_path):
+    exclude = tmp_path / "held.json"
+    exclude.write_text(json.dumps({"indices": [0, 5, 11]}))
+    data = load_bench_data(toy_cifar, 12, seed=3, exclude_test=exclude)
+    z = np.load(toy_cifar)
+    idx = balanced_subset(torch.from_numpy(z["y_train"]), 12, seed=3)
+    assert torch.equal(data.labels, torch.from_numpy(z["y_train"])[idx])
+    assert torch.equal(data.images, torch.from_numpy(z["x_train"]).permute(0, 3, 1, 2)[idx])
+    keep = [i for i in range(12) if i not in (0, 5, 11)]
+    assert torch.equal(data.test_labels, torch.from_numpy(z["y_test"])[keep]) and data.excluded_test_images == 3
+    assert torch.equal(data.test_images, torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2)[keep])
+    everything = load_bench_data(toy_cifar)
+    assert len(everything.labels) == 36 and len(everything.test_labels) == 12 and everything.excluded_test_images == 0
 
 
 def test_runner_end_to_end_and_resume(toy_cifar, tiny_folder, tmp_path, monkeypatch):

@@ -190,6 +190,42 @@ def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.
     return torch.from_numpy(np.sort(np.concatenate(picked)))
 
 
+@dataclass(frozen=True)
+class BenchData:
+    """What a bench run trains and tests on: uint8 images ``(N, 3, H, W)`` and int64 labels."""
+
+    images: torch.Tensor  # the training split's class-balanced subset, in the split's order
+    labels: torch.Tensor
+    test_images: torch.Tensor  # the test split without the excluded indices
+    test_labels: torch.Tensor
+    excluded_test_images: int
+
+
+def load_bench_data(
+    data: str | Path, subset_size: int | None = None, seed: int = 0, *, exclude_test: str | Path | None = None
+) -> BenchData:
+    """The bench's images: ``balanced_subset(train labels, subset_size, seed)`` of the training split, and the test
+    split without the indices listed in ``exclude_test`` (a JSON file as :func:`~eclipse_transforms.utils.load_indices`
+    reads it; the bench passes the denoiser's sparse set, which the denoiser was trained on).
+
+    ``data`` is what :func:`~eclipse_transforms.utils.load_image_set` reads (a CIFAR-10 ``.npz`` or a torchvision
+    root). Scripts that measure something the bench measures load their images here, so they test on what the
+    bench's cells test on.
+    """
+    train = load_image_set(data, split="train")
+    test = load_image_set(data, split="test")
+    idx = balanced_subset(train.labels, subset_size, seed)
+    exclude = load_indices(exclude_test) if exclude_test else []
+    keep = torch.from_numpy(np.setdiff1d(np.arange(len(test.labels)), np.asarray(exclude, dtype=np.int64)))
+    return BenchData(
+        images=train.images[idx].contiguous(),
+        labels=train.labels[idx].contiguous(),
+        test_images=test.images[keep].contiguous(),
+        test_labels=test.labels[keep].contiguous(),
+        excluded_test_images=len(exclude),
+    )
+
+
 def _poison_key(poison: str) -> tuple[Any, ...]:
     """What names a poison in the cache and cell keys: its name and the settings it is really crafted with (a
     model-based poison's whole config; a model-free poison's changed keyword arguments, if any), not the spec's
@@ -206,18 +242,14 @@ class _Run:
         self.out = Path(config.output_dir).expanduser()
         self.cache = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir() / "bench"
         self.recipe = config.recipe()
-        train = load_image_set(config.data, split="train")
-        test = load_image_set(config.data, split="test")
-        idx = balanced_subset(train.labels, config.subset_size(), config.seed)
-        self.images, self.labels = train.images[idx].contiguous(), train.labels[idx].contiguous()
         exclude_file = config.exclude_test
         shown = portable_path(exclude_file) if exclude_file else None
         if exclude_file is None and config.weights is None and bundled_weights_path() is not None:
             exclude_file = str(bundled_weights_path().parent / "cifar10_sparse_indices.json")
             shown = "bundled weights/cifar10_sparse_indices.json"  # not this machine's absolute path
-        exclude = load_indices(exclude_file) if exclude_file else []
-        keep = torch.from_numpy(np.setdiff1d(np.arange(len(test.labels)), np.asarray(exclude, dtype=np.int64)))
-        self.test_images, self.test_labels = test.images[keep].contiguous(), test.labels[keep].contiguous()
+        data = load_bench_data(config.data, config.subset_size(), config.seed, exclude_test=exclude_file)
+        self.images, self.labels = data.images, data.labels
+        self.test_images, self.test_labels = data.test_images, data.test_labels
         self.data_key = digest(self.images, self.labels, self.test_images, self.test_labels)
         self.context = DefenseContext(
             weights=config.weights,
@@ -229,7 +261,11 @@ class _Run:
             progress=config.progress,
             dtype=config.dtype,
         )
-        self.test_info = {"test_images": len(keep), "excluded_test_images": len(exclude), "exclude_file": shown}
+        self.test_info = {
+            "test_images": len(data.test_labels),
+            "excluded_test_images": data.excluded_test_images,
+            "exclude_file": shown,
+        }
 
     def poisoned(self, poison: str) -> tuple[torch.Tensor, float, dict[str, Any] | None]:
         """The poisoned training set (cached), the seconds it took now (0 if cached) and the crafting report."""
