@@ -53,6 +53,10 @@ Candidates (``--list`` prints them):
 * ``border-despeckle-jpeg-at2-first8``: the PGD of ``-at2`` in the first 8 of the 15 epochs only: if the
   shortcut is to be kept out, it must be while the network is still choosing its features; the last 7 epochs
   train on the squeezed images alone, to give back clean accuracy.
+* ``border-despeckle-jpeg-max4``: the bench's ``border-despeckle-jpeg``, and the trainer keeps, for every image
+  and step, the worst (highest-loss) of 4 draws of its grayscale and crop/flip: an error-minimising noise is a
+  shortcut in most draws, and the one draw where it fails is the one the network is trained on. An adversarial
+  choice without input gradients (4 extra forward passes, no extra backward).
 * ``class-equalize``: against CUDA's class-wise kernels, a blind deconvolution per class, once: every image is
   filtered with the zero-phase gain that brings its class's mean amplitude spectrum to the classes' geometric
   mean (gain clipped to [1/4, 4]), after its outermost pixel ring is replaced by the ring inside it (a
@@ -555,6 +559,18 @@ def with_pgd(base: str, name: str, epsilon: int, steps: int, epochs: int | None 
     return factory
 
 
+def with_worst_of(base: str, name: str, k: int):
+    """A factory for defense ``base`` whose trainer keeps, per image and step, the highest-loss of ``k`` draws of
+    the per-epoch stages and crop/flip (an adversarial choice among random augmentations, no input gradients)."""
+
+    def factory(context: DefenseContext) -> Defense:
+        defense = get_defense(base, context)
+        return replace(defense, name=name, worst_of=k, options={**defense.options, "worst_of": k})
+
+    return factory
+
+
+candidate("border-despeckle-jpeg-max4")(with_worst_of("border-despeckle-jpeg", "border-despeckle-jpeg-max4", 4))
 candidate("border-despeckle-jpeg-q20-gray-at4")(
     with_pgd("border-despeckle-jpeg-q20-gray", "border-despeckle-jpeg-q20-gray-at4", 4, 2)
 )

@@ -378,6 +378,44 @@ def test_pgd_can_stop_after_the_first_epochs(monkeypatch):
         Recipe(adversarial_epochs=0)
 
 
+def test_worst_of_trains_each_image_on_its_highest_loss_draw(monkeypatch):
+    # _worst_of: per image, the candidate with the highest cross-entropy, in train mode again afterwards.
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 2 * 2, 2))
+    candidates = [torch.rand(5, 3, 2, 2, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    y = torch.tensor([0, 1, 0, 1, 1])
+    picked = classifier._worst_of(model, candidates, y)
+    with torch.no_grad():
+        losses = torch.stack([torch.nn.functional.cross_entropy(model(c), y, reduction="none") for c in candidates])
+    for i, k in enumerate(losses.argmax(0).tolist()):
+        assert torch.equal(picked[i], candidates[k][i])
+    assert len(set(losses.argmax(0).tolist())) > 1 and model.training  # not one candidate for all
+    # In training: k draws of the epoch transform and crop/flip per step, one kept per image.
+    draws, kept = [], []
+    real = classifier._worst_of
+
+    def counting(model, candidates, y):
+        draws.append(len(candidates))
+        kept.append(real(model, candidates, y))
+        return kept[-1]
+
+    monkeypatch.setattr(classifier, "_worst_of", counting)
+    images = torch.randint(0, 256, (32, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    labels = torch.arange(32) % 2
+    recipe = Recipe(widths=(4, 4, 4), epochs=2, batch_size=16, worst_of=3)
+    a = train_classifier(images, labels, images[:8], labels[:8], recipe, progress=False)
+    assert draws == [3, 3, 3, 3] and all(x.shape == (16, 3, 16, 16) for x in kept)  # 2 batches x 2 epochs
+    b = train_classifier(images, labels, images[:8], labels[:8], recipe, progress=False)
+    assert torch.equal(kept[0], kept[4]) and (a["train_accuracy"], a["test_accuracy"]) == (
+        b["train_accuracy"],
+        b["test_accuracy"],
+    )  # seeded: the second run picks the same draws
+    # Keyed only when set: every earlier cell keeps its key.
+    assert "worst_of" not in Recipe().to_dict() and recipe.to_dict()["worst_of"] == 3
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    with pytest.raises(ValueError, match="recipe worst_of must be >= 1"):
+        Recipe(worst_of=0)
+
+
 def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
     seen = {}
 
@@ -393,7 +431,12 @@ def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "train_classifier", spy)
     light = Defense(
-        "light-at", adversarial_epsilon=4 / 255, adversarial_steps=2, adversarial_epochs=3, options={"pgd": "4/255, 2"}
+        "light-at",
+        adversarial_epsilon=4 / 255,
+        adversarial_steps=2,
+        adversarial_epochs=3,
+        worst_of=3,
+        options={"pgd": "4/255, 2", "worst_of": 3},
     )
     monkeypatch.setattr(runner, "get_defense", lambda name, context=None: light)
     config = BenchConfig(
@@ -408,7 +451,7 @@ def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
     )
     runner._Run(config).run_cell("urp", "light-at")
     assert seen["recipe"].adversarial_epsilon == pytest.approx(4 / 255) and seen["recipe"].adversarial_steps == 2
-    assert seen["recipe"].adversarial_epochs == 3
+    assert seen["recipe"].adversarial_epochs == 3 and seen["recipe"].worst_of == 3
     assert get_defense("adv-training").adversarial_steps == 10  # the registered row keeps PGD-10
 
 

@@ -50,9 +50,10 @@ class Recipe:
     adversarial_epsilon: float = 0.0
     adversarial_steps: int = 10
     adversarial_epochs: int | None = None  # PGD in the first k epochs only (None: every epoch)
+    worst_of: int = 1  # k > 1: every image trained on the worst (highest-loss) of k draws of its augmentation
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "worst_of"):
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}.")
         if self.adversarial_epochs is not None and self.adversarial_epochs < 1:
@@ -65,8 +66,9 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        if d["adversarial_epochs"] is None:  # added later: absent at its default, so earlier keys stay valid
-            del d["adversarial_epochs"]
+        for name, default in (("adversarial_epochs", None), ("worst_of", 1)):
+            if d[name] == default:  # added later: absent at its default, so earlier keys stay valid
+                del d[name]
         return d
 
     @classmethod
@@ -112,6 +114,26 @@ def _pgd(
         delta = (delta.detach() + step * grad.sign()).clamp(-epsilon, epsilon)
     model.train()
     return (x + delta).clamp(0, 1).detach()
+
+
+def _augment(
+    x: torch.Tensor, recipe: Recipe, epoch_transform: EpochTransform | None, generator: torch.Generator
+) -> torch.Tensor:
+    """One draw of a float batch's training augmentation: the epoch transform, then crop and flip."""
+    if epoch_transform is not None:
+        x = epoch_transform(x, generator)
+    return random_crop_flip(x, recipe.crop_padding, recipe.flip, generator)
+
+
+@torch.no_grad()
+def _worst_of(model: torch.nn.Module, candidates: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """Per image, the candidate (one draw of its augmentation each) on which ``model`` has the highest loss."""
+    model.eval()
+    losses = torch.stack([nnf.cross_entropy(model(c), y, reduction="none") for c in candidates])
+    model.train()
+    pick = losses.argmax(0)
+    stacked = torch.stack(candidates)
+    return stacked[pick, torch.arange(len(y), device=y.device)].contiguous(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
@@ -223,11 +245,12 @@ def fit_classifier(
         for b in range(steps_per_epoch):
             idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
             x = images[idx].float().div_(255)
-            if epoch_transform is not None:
-                x = epoch_transform(x, g)
-            x = random_crop_flip(x, recipe.crop_padding, recipe.flip, g)
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
             y = labels[idx].to(device)
+            if recipe.worst_of > 1:
+                draws = [_augment(x, recipe, epoch_transform, g) for _ in range(recipe.worst_of)]
+                x = _worst_of(model, [d.to(device).contiguous(memory_format=torch.channels_last) for d in draws], y)
+            else:
+                x = _augment(x, recipe, epoch_transform, g).to(device).contiguous(memory_format=torch.channels_last)
             if recipe.adversarial_epsilon > 0 and epoch < (recipe.adversarial_epochs or recipe.epochs):
                 x = _pgd(model, x, y, recipe.adversarial_epsilon, recipe.adversarial_steps, g)
             out = model(x)

@@ -9,7 +9,8 @@ A defense has two parts, either of which may be absent:
 * ``epoch_transform(x, generator) -> x``: applied to every float training batch afresh each epoch, before the
   crop/flip augmentation (ECLIPSE's corruption compensation).
 
-and may ask the trainer for PGD adversarial training (``adversarial_epsilon``, ``adversarial_steps``).
+and may ask the trainer for PGD adversarial training (``adversarial_epsilon``, ``adversarial_steps``), or to train
+every image on the worst of ``worst_of`` draws of its per-epoch stages and crop/flip (the highest loss).
 
     >>> from eclipse_transforms.bench.defenses import list_defenses
     >>> list_defenses()[:4]
@@ -64,6 +65,7 @@ class Defense:
     adversarial_epsilon: float = 0.0
     adversarial_steps: int = 10  # PGD steps per batch when ``adversarial_epsilon`` > 0
     adversarial_epochs: int | None = None  # PGD in the first k epochs only (None: every epoch)
+    worst_of: int = 1  # k > 1: the trainer keeps the highest-loss of k draws of each image's per-epoch stages
     options: dict[str, Any] = field(default_factory=dict)
 
 

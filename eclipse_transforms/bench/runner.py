@@ -357,6 +357,8 @@ class _Run:
                 adversarial_steps=defense.adversarial_steps,
                 adversarial_epochs=defense.adversarial_epochs,
             )
+        if defense.worst_of > 1:
+            recipe = dataclasses.replace(recipe, worst_of=defense.worst_of)
         result = train_classifier(
             images,
             self.labels,
