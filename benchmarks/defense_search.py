@@ -277,22 +277,15 @@ def _random_blur(context: DefenseContext) -> Defense:
     )
 
 
-def _median3(x: torch.Tensor) -> torch.Tensor:
-    """3x3 median of every channel of uint8 ``(N, C, H, W)``, reflect-padded."""
-    n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x.float(), (1, 1, 1, 1), mode="reflect")
-    patches = torch.nn.functional.unfold(padded.reshape(n * c, 1, h + 2, w + 2), 3)  # (N*C, 9, H*W)
-    return patches.median(dim=1).values.view(n, c, h, w).round().to(torch.uint8)
+def despeckle(x: torch.Tensor, threshold: int = 32) -> torch.Tensor:
+    """:func:`eclipse_transforms.functional.despeckle` on uint8 ``(N, C, H, W)``, ``threshold`` in levels; at
+    ``threshold=0`` every pixel takes its 3x3 medians (a median filter)."""
+    return quantize(EF.despeckle(x.float() / 255, threshold=threshold / 255))
 
 
 @candidate("median3")
 def _median(context: DefenseContext) -> Defense:
-    return Defense("median3", prepare=lambda x, y: _median3(x), options={"kernel": 3})
-
-
-def despeckle(x: torch.Tensor, threshold: int = 32) -> torch.Tensor:
-    """:func:`eclipse_transforms.functional.despeckle` on uint8 ``(N, C, H, W)``, ``threshold`` in levels."""
-    return quantize(EF.despeckle(x.float() / 255, threshold=threshold / 255))
+    return Defense("median3", prepare=lambda x, y: despeckle(x, threshold=0), options={"kernel": 3})
 
 
 @candidate("despeckle")

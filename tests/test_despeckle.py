@@ -36,6 +36,17 @@ def test_only_outliers_beyond_the_threshold_move():
     assert torch.equal(EF.despeckle(x, threshold=1.0), x)
 
 
+def test_at_threshold_zero_every_pixel_takes_its_median():
+    # The defense search's median3 candidate is despeckle(threshold=0): a 3x3 median filter, reflect-padded.
+    x = torch.rand(2, 3, 5, 6, generator=torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    median = torch.empty_like(x)
+    for i in range(5):
+        for j in range(6):
+            median[:, :, i, j] = padded[:, :, i : i + 3, j : j + 3].flatten(2).median(dim=2).values
+    assert torch.equal(EF.despeckle(x, threshold=0.0), median)
+
+
 def test_types_batches_and_uint8_levels():
     x = (torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).round().to(torch.uint8)
     t = Despeckle()
