@@ -70,3 +70,35 @@ def test_pack_cifar_round_trip_keeps_the_bench_data_key(tmp_path):
 def test_every_benchmark_script_explains_itself(script):
     done = subprocess.run([sys.executable, str(PACK.parent / script), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
+def test_frontier_marks_the_rows_no_other_row_beats(tmp_path, capsys):
+    sys.path.insert(0, str(PACK.parent))
+    try:
+        import frontier
+    finally:
+        sys.path.remove(str(PACK.parent))
+    cells = tmp_path / "standard" / "cells"
+    cells.mkdir(parents=True)
+    tier = frontier.TIERS["standard"]
+    # eclipse: 80 clean, 50 everywhere; iss-jpeg: 78 clean, 40 everywhere (beaten); the squeeze: one column missing
+    for defense, clean, score in (
+        ("eclipse", 0.80, 0.50),
+        ("iss-jpeg", 0.78, 0.40),
+        ("border-despeckle-jpeg", 0.9, 0.6),
+    ):
+        for poison in ("clean", *tier["columns"], "adp"):
+            if defense == "border-despeckle-jpeg" and poison == "tap":
+                continue
+            value = clean if poison == "clean" else score
+            (cells / f"{poison}__{defense}.json").write_text(f'{{"test_accuracy": {value}}}')
+    (cells / "lsp__eclipse.json").write_text('{"test_accuracy": 0.30}')  # eclipse's worst column
+    assert frontier.main(["--tier", "standard", "--results", str(tmp_path)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()}
+    assert rows["eclipse"][1:4] == ["80.0", "48.0", "30.0 (lsp)"] and rows["eclipse"][-1] == "yes |"
+    assert rows["iss-jpeg"][-1] == "yes |"  # worse mean and clean, but a better worst column (40 > 30)
+    assert rows["border-despeckle-jpeg"][4] == "9 of 10" and rows["border-despeckle-jpeg"][-1] == "— |"
+    (cells / "lsp__iss-jpeg.json").write_text('{"test_accuracy": 0.20}')
+    frontier.main(["--tier", "standard", "--results", str(tmp_path)])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()}
+    assert rows["iss-jpeg"][-1] == "no |"  # now eclipse is ahead on all three
