@@ -246,11 +246,11 @@ def fit_classifier(
             idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
             x = images[idx].float().div_(255)
             y = labels[idx].to(device)
-            if recipe.worst_of > 1:
-                draws = [_augment(x, recipe, epoch_transform, g) for _ in range(recipe.worst_of)]
-                x = _worst_of(model, [d.to(device).contiguous(memory_format=torch.channels_last) for d in draws], y)
-            else:
-                x = _augment(x, recipe, epoch_transform, g).to(device).contiguous(memory_format=torch.channels_last)
+            draws = [
+                _augment(x, recipe, epoch_transform, g).to(device).contiguous(memory_format=torch.channels_last)
+                for _ in range(recipe.worst_of)
+            ]
+            x = draws[0] if len(draws) == 1 else _worst_of(model, draws, y)
             if recipe.adversarial_epsilon > 0 and epoch < (recipe.adversarial_epochs or recipe.epochs):
                 x = _pgd(model, x, y, recipe.adversarial_epsilon, recipe.adversarial_steps, g)
             out = model(x)
