@@ -57,6 +57,14 @@ Candidates (``--list`` prints them):
   and step, the worst (highest-loss) of 4 draws of its grayscale and crop/flip: an error-minimising noise is a
   shortcut in most draws, and the one draw where it fails is the one the network is trained on. An adversarial
   choice without input gradients (4 extra forward passes, no extra backward).
+* ``border-despeckle-jpeg-clean{400,2000}``: the bench's ``border-despeckle-jpeg``, and the classifier trains also
+  on 400 (2,000) images of the defender's own clean set, the sparse set ECLIPSE trains its denoiser on (the test
+  images the bench excludes from its test set), class-balanced and as they are (grayscale per epoch, as for every
+  image). The squeeze takes the poisons; the clean images give back the detail JPEG takes and are a shortcut's
+  counter-examples, which no attacker can craft. 400 is the quick subset's 4 % (the standard tier's 2,000 of
+  50,000); 2,000 all of it. ``none-clean400`` and ``iss-jpeg-clean400``: the same 400 clean images beside no
+  defense and beside ISS-JPEG (is it the clean images alone; would any defense gain as much from them?).
+  ``border-despeckle-jpeg-clean400x5``: the 400 five times per epoch (a fifth of every epoch's images).
 * ``class-equalize``: against CUDA's class-wise kernels, a blind deconvolution per class, once: every image is
   filtered with the zero-phase gain that brings its class's mean amplitude spectrum to the classes' geometric
   mean (gain clipped to [1/4, 4]), after its outermost pixel ring is replaced by the ring inside it (a
@@ -574,6 +582,29 @@ for _epsilon, _steps in ((1, 1), (2, 1), (4, 2)):
 candidate("border-despeckle-jpeg-at2-first8")(
     with_pgd("border-despeckle-jpeg", "border-despeckle-jpeg-at2-first8", 2, 1, epochs=8)
 )
+
+
+def with_clean_images(base: str, name: str, n: int, repeat: int = 1):
+    """A factory for defense ``base`` whose classifier trains also on ``n`` images of the defender's clean set
+    (``repeat`` times each per epoch)."""
+
+    def factory(context: DefenseContext) -> Defense:
+        defense = get_defense(base, context)
+        options = {**defense.options, "clean_images": n, **({"clean_repeat": repeat} if repeat != 1 else {})}
+        return replace(defense, name=name, clean_images=n, clean_repeat=repeat, options=options)
+
+    return factory
+
+
+for _n in (400, 2000):
+    candidate(f"border-despeckle-jpeg-clean{_n}")(
+        with_clean_images("border-despeckle-jpeg", f"border-despeckle-jpeg-clean{_n}", _n)
+    )
+candidate("border-despeckle-jpeg-clean400x5")(
+    with_clean_images("border-despeckle-jpeg", "border-despeckle-jpeg-clean400x5", 400, repeat=5)
+)
+for _base in ("none", "iss-jpeg"):  # is it the clean images alone? does any defense gain as much from them?
+    candidate(f"{_base}-clean400")(with_clean_images(_base, f"{_base}-clean400", 400))
 
 
 @candidate("class-equalize")

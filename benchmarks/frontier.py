@@ -7,7 +7,8 @@ defense itself included: the frontier issue 30 asks for where its targets are no
 reads the committed bench cells (no training) and prints a Markdown table. On the quick tier a row's *adaptive*
 column is the lowest of the attacks crafted through that defense's own stages (the bench's ADP through ECLIPSE for
 ECLIPSE; EM-style ADP through JPEG q10 for ISS-JPEG; ADP and REM through the squeeze for the squeeze and its PGD
-variants, the REM one modelling adversarial training too); on the standard tier it is the bench's ADP column
+variants, the REM one modelling adversarial training too; for the squeeze with 400 trusted images also the ADP that
+models them); on the standard tier it is the bench's ADP column
 (crafted through ECLIPSE), the column the issue's targets average. A row is *on the frontier* when no other row is at least as good on clean
 data, mean and worst column and better on one. Every cell is one seed.
 """
@@ -26,6 +27,8 @@ SQUEEZE_REM = (
     "train_steps=300]"
 )
 THROUGH_SQUEEZE = (SQUEEZE_ADP, SQUEEZE_REM)
+# the ADP through the squeeze that also models the defender's 400 clean images
+SQUEEZE_CLEAN_ADP = SQUEEZE_ADP.replace("adp[", "adp[clean_images=400,")
 
 # per tier: the cell folders (first found wins), the poison columns, and each row's attacks crafted through it
 TIERS = {
@@ -38,14 +41,20 @@ TIERS = {
             "border-despeckle-jpeg": THROUGH_SQUEEZE,
             "border-despeckle-jpeg-at1": THROUGH_SQUEEZE,
             "border-despeckle-jpeg-at2": THROUGH_SQUEEZE,
+            "border-despeckle-jpeg-clean400": (*THROUGH_SQUEEZE, SQUEEZE_CLEAN_ADP),
         },
         "note": "adaptive: the lowest of the attacks crafted through the row's own stages",
     },
     "standard": {
-        "folders": ("standard/cells",),
+        "folders": ("standard/cells", "defense-search-standard/cells"),
         "columns": ("urp", "lsp", "ar", "ops", "cuda", "rem", "em[dtype=bfloat16]", "sep[dtype=bfloat16]", "tap"),
         # the standard tier's ADP is crafted through ECLIPSE only: every row's adaptive column is that one
-        "adaptive": {"eclipse": ("adp",), "iss-jpeg": ("adp",), "border-despeckle-jpeg": ("adp",)},
+        "adaptive": {
+            "eclipse": ("adp",),
+            "iss-jpeg": ("adp",),
+            "border-despeckle-jpeg": ("adp",),
+            "border-despeckle-jpeg-clean2000": ("adp",),
+        },
         "note": "adaptive: the bench's ADP column, crafted through ECLIPSE (through the row's own stages for ECLIPSE "
         "only)",
     },

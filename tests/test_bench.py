@@ -222,6 +222,9 @@ def test_load_bench_data_is_the_balanced_subset_and_the_test_split_without_the_e
     keep = [i for i in range(12) if i not in (0, 5, 11)]
     assert torch.equal(data.test_labels, torch.from_numpy(z["y_test"])[keep]) and data.excluded_test_images == 3
     assert torch.equal(data.test_images, torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2)[keep])
+    # the excluded images themselves: the defender's own clean set
+    assert torch.equal(data.excluded_images, torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2)[[0, 5, 11]])
+    assert torch.equal(data.excluded_labels, torch.from_numpy(z["y_test"])[[0, 5, 11]])
     everything = load_bench_data(toy_cifar)
     assert len(everything.labels) == 36 and len(everything.test_labels) == 12 and everything.excluded_test_images == 0
 
@@ -453,6 +456,50 @@ def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
     assert seen["recipe"].adversarial_epsilon == pytest.approx(4 / 255) and seen["recipe"].adversarial_steps == 2
     assert seen["recipe"].adversarial_epochs == 3 and seen["recipe"].worst_of == 3
     assert get_defense("adv-training").adversarial_steps == 10  # the registered row keeps PGD-10
+
+
+def test_runner_adds_the_defenders_clean_images_as_they_are(toy_cifar, tmp_path, monkeypatch):
+    # clean_images=n: the cell trains on the defense's one-time stages of the poisoned set plus n class-balanced
+    # images of the excluded test images (the denoiser's sparse set), those untouched by the one-time stages.
+    seen = {}
+
+    def spy(images, labels, test_images, test_labels, recipe, **kwargs):
+        seen.update(images=images, labels=labels, test_labels=test_labels)
+        return {"test_accuracy": 0.5, "train_accuracy": 0.5, "train_seconds": 0.0, "images_per_second": 1.0,
+                "parameters": 1}  # fmt: skip
+
+    monkeypatch.setattr(runner, "train_classifier", spy)
+    inverted = Defense("invert-clean", prepare=lambda x, y: 255 - x, clean_images=6, options={"clean_images": 6})
+    monkeypatch.setattr(runner, "get_defense", lambda name, context=None: inverted)
+    exclude = tmp_path / "held.json"
+    exclude.write_text(json.dumps({"indices": [0, 1, 2, 3, 4, 5, 6, 7]}))
+    config = BenchConfig(
+        data=str(toy_cifar),
+        poisons="urp",
+        defenses=("none",),
+        clean=False,
+        subset=0,
+        exclude_test=str(exclude),
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    run = runner._Run(config)
+    cell = run.run_cell(runner.CLEAN, "invert-clean")
+    z = np.load(toy_cifar)
+    train = torch.from_numpy(z["x_train"]).permute(0, 3, 1, 2)
+    held = torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2)[:8]
+    held_labels = torch.from_numpy(z["y_test"])[:8]
+    pick = balanced_subset(held_labels, 6, 0)
+    assert torch.equal(seen["images"], torch.cat([255 - train, held[pick]]))  # the clean ones not inverted
+    assert torch.equal(seen["labels"], torch.cat([torch.from_numpy(z["y_train"]), held_labels[pick]]))
+    assert len(seen["test_labels"]) == 4 and cell["train_images"] == len(train) + 6 == 42
+    with pytest.raises(ValueError, match="asks for 9 images of the defender's clean set.*excludes 8"):
+        run._with_clean_images(train, 9)
+    with pytest.raises(ValueError, match="clean_repeat must be >= 1"):
+        run._with_clean_images(train, 6, 0)
+    doubled, doubled_labels = run._with_clean_images(train, 6, 2)
+    assert torch.equal(doubled[-12:], torch.cat([held[pick], held[pick]])) and len(doubled_labels) == 36 + 12
 
 
 def test_border_despeckle_jpeg_defense_is_the_library_transforms():

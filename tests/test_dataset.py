@@ -180,6 +180,44 @@ def test_the_squeeze_needs_no_denoiser_and_keys_only_what_changes_its_bytes(tmp_
         build(squeeze, tmp_path, dataset=gray)
 
 
+def test_trusted_images_skip_the_purification_and_get_the_same_per_epoch_path(tmp_path):
+    # with_trusted: the purified items, then the trusted ones, those not squeezed but grayscaled (p = 0.4, redrawn
+    # per access) and transformed like the others; bad trusted sets are refused with the fix.
+    from eclipse_transforms import CorruptionCompensation
+
+    CountingSqueeze.images = 0
+    squeeze = EclipsePurify(prefilter=CountingSqueeze(), compensation=CorruptionCompensation(0.4, sigma=0.0), seed=0)
+    ds = build(squeeze, tmp_path, transform=v2.RandomHorizontalFlip(p=1.0), target_transform=lambda y: y + 10)
+    trusted = ToyDataset(n=6, seed=1)
+    train = ds.with_trusted(trusted)
+    assert len(train) == 16 and CountingSqueeze.images == 10  # the trusted images are not squeezed
+    torch.manual_seed(0)
+    items = [train[10 + i % 6] for i in range(24)]
+    assert CountingSqueeze.images == 10
+    images = torch.stack([x for x, _ in items])
+    gray = (images.amax(1) - images.amin(1)).flatten(1).amax(1) == 0
+    assert gray.any() and not gray.all()  # the purified items' compensation, redrawn per access
+    flipped = torch.stack([trusted.images[i % 6].flip(-1) for i in range(24)])
+    torch.testing.assert_close(images[~gray], flipped[~gray])  # as they are, then the transform
+    assert [y for _, y in items] == [trusted.labels[i % 6] + 10 for i in range(24)]
+    assert isinstance(items[0][0], tv_tensors.Image) and train[0][1] == 10  # the purified items are unchanged
+    assert train[-1][1] == trusted.labels[-1] + 10
+    uint8 = ToyDataset(images=[(x * 255).round().to(torch.uint8) for x in trusted.images])
+    assert ds.with_trusted(uint8)[10][0].dtype == torch.float32
+    with pytest.raises(
+        ValueError, match=r"trusted image 0 has shape \(3, 8, 8\); the purified images are .*v2.Resize"
+    ):
+        ds.with_trusted(ToyDataset(images=[torch.rand(3, 8, 8)]))
+    with pytest.raises(ValueError, match="trusted dataset is empty"):
+        ds.with_trusted(ToyDataset(images=[]))
+    with pytest.raises(TypeError, match="trusted dataset must be a map-style dataset"):
+        ds.with_trusted(iter([]))
+    with pytest.raises(ValueError, match="trusted image 0 must be an RGB PIL image"):
+        from PIL import Image
+
+        ds.with_trusted([(Image.new("L", (W, H)), 0)])
+
+
 def test_second_construction_reads_the_cache(purify, tmp_path):
     build(purify, tmp_path)
     first = CountingPurify.calls

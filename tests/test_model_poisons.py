@@ -241,6 +241,36 @@ def test_adp_models_the_prefilter_stages(data, tiny_folder):
         ADPConfig(despeckle_threshold=300)
 
 
+def test_adp_models_a_defender_who_adds_clean_images(data, tiny_folder, monkeypatch):
+    # clean_images=n: every surrogate batch carries round(batch * n / N) of n class-balanced clean images (no δ),
+    # through the per-epoch stages only; keyed only when set.
+    from eclipse_transforms.bench import crafting
+
+    images, labels = data
+    squeeze = ADPConfig(em=TINY, weights=str(tiny_folder), diffusion=False, jpeg_quality=20, sigma=0.0)
+    config = dataclasses.replace(squeeze, clean_images=8)  # 2 per class of the 4
+    assert "clean_images" not in squeeze.to_dict() and config.to_dict()["clean_images"] == 8
+    seen = []
+    real = crafting.train_batches
+
+    def spy(*args, clean=None, **kwargs):
+        seen.append(clean)
+        return real(*args, clean=clean, **kwargs)
+
+    monkeypatch.setattr(em_module, "train_batches", spy)
+    out = adp(images, labels, config=config, progress=False)
+    mix = seen[-1]
+    assert mix.per_batch == round(TINY.batch_size * 8 / len(labels)) == 3 and len(mix.labels) == 8
+    assert mix.labels.bincount().tolist() == [2, 2, 2, 2]  # class-balanced, and the images as they are
+    assert any(torch.equal(mix.images[0], x) for x in images)
+    assert (out.int() - images.int()).abs().max() <= 8
+    assert not torch.equal(out, adp(images, labels, config=squeeze, progress=False))  # the surrogate saw them
+    with pytest.raises(ValueError, match="clean_images must be >= 0"):
+        ADPConfig(clean_images=-1)
+    with pytest.raises(ValueError, match="clean_images .* must be smaller than the training set"):
+        adp(images, labels, config=dataclasses.replace(squeeze, clean_images=len(labels)), progress=False)
+
+
 def test_straight_through_jpeg_passes_the_gradient():
     from eclipse_transforms.bench.crafting import _straight_through_jpeg
 

@@ -27,7 +27,8 @@ import torch
 
 from .. import functional as EF
 from ..denoiser import dtype_name, load_denoiser
-from .crafting import check_squeeze, freeze, through_squeeze
+from ..utils import derive_seed
+from .crafting import CleanMix, check_squeeze, freeze, through_squeeze
 from .em import EMConfig, min_min
 from .poisons import register_poison
 
@@ -60,10 +61,18 @@ class ADPConfig:
     # the copied pixels); and the despeckle's threshold in uint8 levels.
     repair_border: bool = False
     despeckle_threshold: int = 32
+    # A defender who trains also on clean images of its own (the bench's ``clean_images`` defenses), as the attacker
+    # models it: clean_images of the attacker's own clean images (class-balanced; the attacker cannot reach the
+    # defender's) join every surrogate batch in the defender's proportion, through the per-epoch stages only.
+    clean_images: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
         check_squeeze(self)
+        if self.clean_images < 0:
+            raise ValueError(
+                f"clean_images must be >= 0 (0: a defender without clean images); got {self.clean_images}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -76,6 +85,7 @@ class ADPConfig:
             ("compensation", True),
             ("repair_border", False),
             ("despeckle_threshold", 32),
+            ("clean_images", 0),
         )
         for name, default in later:
             if d[name] == default:
@@ -120,6 +130,21 @@ def adp(
         return EF.corruption_compensation(purified, p_gray=config.p_gray, sigma=config.sigma, generator=g)
 
     extra = {"defense": {k: v for k, v in config.to_dict().items() if k != "em"}, "denoiser": denoiser.fingerprint}
+    clean = None
+    if config.clean_images:
+        if config.clean_images >= len(labels):
+            raise ValueError(
+                f"clean_images ({config.clean_images}) must be smaller than the training set ({len(labels)} images)."
+            )
+
+        def per_epoch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            if not config.compensation:
+                return x
+            return EF.corruption_compensation(x, p_gray=config.p_gray, sigma=config.sigma, generator=g)
+
+        pick = _balanced(labels, config.clean_images, seed)
+        per_batch = max(1, round(config.em.batch_size * config.clean_images / len(labels)))
+        clean = CleanMix(images[pick].to(device), labels[pick].to(device), per_batch, per_epoch)
     return min_min(
         images,
         labels,
@@ -131,4 +156,14 @@ def adp(
         view=through_defense,
         extra=extra,
         device=device,
+        clean=clean,
     )
+
+
+def _balanced(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` indices, ``n / num_classes`` per class (the first of a seeded permutation of each class)."""
+    g = torch.Generator().manual_seed(derive_seed("adp-clean", seed))
+    order = torch.randperm(len(labels), generator=g)
+    classes = labels.unique()
+    per_class = max(1, n // len(classes))
+    return torch.cat([order[labels[order] == c][:per_class] for c in classes]).sort().values

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 View = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 __all__ = [
+    "CleanMix",
     "CraftingConfig",
     "CraftState",
     "craft_in_shards",
@@ -216,6 +218,18 @@ def perturbed(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 + delta).clamp_(0, 1).contiguous(memory_format=torch.channels_last)
 
 
+@dataclass(frozen=True)
+class CleanMix:
+    """Clean images the defender trains on beside the poisoned set, as an attacker models them: ``per_batch`` of
+    ``images`` (uint8, with ``labels``) drawn afresh beside every surrogate batch of ``x + δ``, through ``view`` (the
+    defender's per-epoch stages; the clean images skip its one-time ones)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    per_batch: int
+    view: View | None = None
+
+
 def train_batches(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -227,12 +241,13 @@ def train_batches(
     batch_size: int,
     seed: int,
     view: View | None = None,
+    clean: CleanMix | None = None,
 ) -> float:
     """``num_batches`` SGD steps on ``x + δ`` from a data stream (epoch order seeded by ``(seed, epoch)``).
 
     ``cursor`` (``{"epoch", "offset"}``) is advanced in place and belongs in the checkpoint. ``view(x, generator)``,
-    if given, is what the surrogate sees of ``x + δ`` (e.g. a purifier, for the adaptive attack). Returns the
-    mean loss.
+    if given, is what the surrogate sees of ``x + δ`` (e.g. a purifier, for the adaptive attack); ``clean``, if
+    given, adds clean images to every batch. Returns the mean loss.
     """
     model.train()
     total = 0.0
@@ -248,8 +263,18 @@ def train_batches(
             g = torch.Generator().manual_seed(derive_seed(seed, "view", cursor["epoch"], cursor["offset"]))
             with torch.no_grad():
                 x = view(x, g).contiguous(memory_format=torch.channels_last)
+        y = labels[idx]
+        if clean is not None:
+            g = torch.Generator().manual_seed(derive_seed(seed, "clean", cursor["epoch"], cursor["offset"]))
+            pick = torch.randperm(len(clean.labels), generator=g)[: clean.per_batch].to(clean.labels.device)
+            xc = clean.images[pick].float().div(255)
+            if clean.view is not None:
+                with torch.no_grad():
+                    xc = clean.view(xc, g)
+            x = torch.cat([x, xc.to(x.dtype)]).contiguous(memory_format=torch.channels_last)
+            y = torch.cat([y, clean.labels[pick]])
         cursor["offset"] += batch_size
-        loss = nnf.cross_entropy(model(x), labels[idx])
+        loss = nnf.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

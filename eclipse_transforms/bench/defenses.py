@@ -10,7 +10,8 @@ A defense has two parts, either of which may be absent:
   crop/flip augmentation (ECLIPSE's corruption compensation).
 
 and may ask the trainer for PGD adversarial training (``adversarial_epsilon``, ``adversarial_steps``), or to train
-every image on the worst of ``worst_of`` draws of its per-epoch stages and crop/flip (the highest loss).
+every image on the worst of ``worst_of`` draws of its per-epoch stages and crop/flip (the highest loss), or to add
+``clean_images`` images of the defender's own clean set (the denoiser's sparse set) to the training set.
 
     >>> from eclipse_transforms.bench.defenses import list_defenses
     >>> list_defenses()[:4]
@@ -66,6 +67,10 @@ class Defense:
     adversarial_steps: int = 10  # PGD steps per batch when ``adversarial_epsilon`` > 0
     adversarial_epochs: int | None = None  # PGD in the first k epochs only (None: every epoch)
     worst_of: int = 1  # k > 1: the trainer keeps the highest-loss of k draws of each image's per-epoch stages
+    # n > 0: train also on n images (class-balanced) of the defender's own clean set, the sparse set the denoiser was
+    # trained on (the test images the bench excludes), as they are: no one-time stage, the per-epoch ones as for all
+    clean_images: int = 0
+    clean_repeat: int = 1  # each of those images that many times per epoch (more weight beside a large poisoned set)
     options: dict[str, Any] = field(default_factory=dict)
 
 

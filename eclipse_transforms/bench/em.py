@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..utils import derive_seed, quantize
 from .crafting import (
+    CleanMix,
     CraftingConfig,
     CraftState,
     View,
@@ -134,8 +135,10 @@ def min_min(
     view: View | None = None,
     extra: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    clean: CleanMix | None = None,
 ) -> torch.Tensor:
-    """The min-min alternation shared by EM and the adaptive attack (``view``: what the surrogate sees).
+    """The min-min alternation shared by EM and the adaptive attack (``view``: what the surrogate sees; ``clean``:
+    clean images the surrogate trains on beside ``x + δ``, for a defender who adds its own).
 
     The images, ``δ`` and the surrogate live on ``device`` (random numbers are drawn on the CPU, so the streams are
     the same everywhere); checkpoints are read back onto it, so a run may resume on another device."""
@@ -177,6 +180,7 @@ def min_min(
                     config.batch_size,
                     derive_seed(f"{name}-data", seed),
                     view=view,
+                    clean=clean,
                 )
                 recalibrate_bn(
                     model,

@@ -199,6 +199,9 @@ class BenchData:
     test_images: torch.Tensor  # the test split without the excluded indices
     test_labels: torch.Tensor
     excluded_test_images: int
+    # the excluded test images themselves (the denoiser's sparse set: the defender's own clean images), index order
+    excluded_images: torch.Tensor | None = None
+    excluded_labels: torch.Tensor | None = None
 
 
 def load_bench_data(
@@ -216,13 +219,17 @@ def load_bench_data(
     test = load_image_set(data, split="test")
     idx = balanced_subset(train.labels, subset_size, seed)
     exclude = load_indices(exclude_test) if exclude_test else []
-    keep = torch.from_numpy(np.setdiff1d(np.arange(len(test.labels)), np.asarray(exclude, dtype=np.int64)))
+    excluded = np.unique(np.asarray(exclude, dtype=np.int64))
+    excluded = excluded[(excluded >= 0) & (excluded < len(test.labels))]  # a list for a larger test split
+    keep = torch.from_numpy(np.setdiff1d(np.arange(len(test.labels)), excluded))
     return BenchData(
         images=train.images[idx].contiguous(),
         labels=train.labels[idx].contiguous(),
         test_images=test.images[keep].contiguous(),
         test_labels=test.labels[keep].contiguous(),
         excluded_test_images=len(exclude),
+        excluded_images=test.images[torch.from_numpy(excluded)].contiguous(),
+        excluded_labels=test.labels[torch.from_numpy(excluded)].contiguous(),
     )
 
 
@@ -250,6 +257,7 @@ class _Run:
         data = load_bench_data(config.data, config.subset_size(), config.seed, exclude_test=exclude_file)
         self.images, self.labels = data.images, data.labels
         self.test_images, self.test_labels = data.test_images, data.test_labels
+        self.clean_set = (data.excluded_images, data.excluded_labels)  # the defender's own clean images
         self.data_key = digest(self.images, self.labels, self.test_images, self.test_labels)
         self.context = DefenseContext(
             weights=config.weights,
@@ -326,6 +334,21 @@ class _Run:
         path.replace(aside)
         logger.warning("kept the result run with other settings as %s", aside)
 
+    def _with_clean_images(self, images: torch.Tensor, n: int, repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``images`` (the training set after the defense's one-time stages) with ``n`` class-balanced images of the
+        defender's clean set appended as they are (``repeat`` times each), and the labels to go with them."""
+        clean, clean_labels = self.clean_set
+        if clean is None or n > len(clean_labels):
+            have = 0 if clean is None else len(clean_labels)
+            raise ValueError(
+                f"the defense asks for {n} images of the defender's clean set (the test images the bench excludes, "
+                f"the denoiser's sparse set); this run excludes {have}: pass exclude_test or use the bundled weights."
+            )
+        if repeat < 1:
+            raise ValueError(f"the defense's clean_repeat must be >= 1; got {repeat}.")
+        pick = balanced_subset(clean_labels, n, self.config.seed).repeat(repeat)
+        return torch.cat([images, clean[pick]]), torch.cat([self.labels, clean_labels[pick]])
+
     def run_cell(self, poison: str, defense_name: str, train: bool = True) -> dict[str, Any] | None:
         """The cell's result: from ``cells/`` if it was run with these settings, else trained now (or None)."""
         defense = get_defense(defense_name, self.context)
@@ -350,6 +373,9 @@ class _Run:
         prepare_seconds = time.perf_counter() - start
         recipe = self.recipe
         work = self.cache / "training" / key  # the training's per-epoch state: an interrupted cell resumes
+        labels = self.labels
+        if defense.clean_images:
+            images, labels = self._with_clean_images(images, defense.clean_images, defense.clean_repeat)
         if defense.adversarial_epsilon:
             recipe = dataclasses.replace(
                 recipe,
@@ -361,7 +387,7 @@ class _Run:
             recipe = dataclasses.replace(recipe, worst_of=defense.worst_of)
         result = train_classifier(
             images,
-            self.labels,
+            labels,
             self.test_images,
             self.test_labels,
             recipe,
@@ -384,7 +410,7 @@ class _Run:
             "poison_report": poison_report,
             **({"poison_overrides": parse_poison(poison)[1]} if "[" in poison else {}),
             "seed": self.config.seed,
-            "train_images": len(self.labels),
+            "train_images": len(labels),
             **self.test_info,
             "seconds": {
                 "poison": poison_seconds,
