@@ -419,20 +419,32 @@ def test_worst_of_trains_each_image_on_its_highest_loss_draw(monkeypatch):
         Recipe(worst_of=0)
 
 
-def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
+def _spied_run(defense, toy_cifar, tmp_path, monkeypatch, **config):
+    """A runner whose every cell is ``defense`` and whose trainer only records what it was handed."""
     seen = {}
 
     def spy(images, labels, test_images, test_labels, recipe, **kwargs):
-        seen["recipe"] = recipe
-        return {
-            "test_accuracy": 0.5,
-            "train_accuracy": 0.5,
-            "train_seconds": 0.0,
-            "images_per_second": 1.0,
-            "parameters": 1,
-        }
+        seen.update(images=images, labels=labels, test_labels=test_labels, recipe=recipe)
+        return {"test_accuracy": 0.5, "train_accuracy": 0.5, "train_seconds": 0.0, "images_per_second": 1.0,
+                "parameters": 1}  # fmt: skip
 
     monkeypatch.setattr(runner, "train_classifier", spy)
+    monkeypatch.setattr(runner, "get_defense", lambda name, context=None: defense)
+    config = BenchConfig(
+        data=str(toy_cifar),
+        poisons="urp",
+        defenses=("none",),
+        clean=False,
+        subset=0,
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+        **config,
+    )
+    return runner._Run(config), seen
+
+
+def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
     light = Defense(
         "light-at",
         adversarial_epsilon=4 / 255,
@@ -441,18 +453,8 @@ def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
         worst_of=3,
         options={"pgd": "4/255, 2", "worst_of": 3},
     )
-    monkeypatch.setattr(runner, "get_defense", lambda name, context=None: light)
-    config = BenchConfig(
-        data=str(toy_cifar),
-        poisons="urp",
-        defenses=("none",),
-        clean=False,
-        subset=0,
-        output_dir=str(tmp_path / "out"),
-        cache_dir=str(tmp_path / "cache"),
-        progress=False,
-    )
-    runner._Run(config).run_cell("urp", "light-at")
+    run, seen = _spied_run(light, toy_cifar, tmp_path, monkeypatch)
+    run.run_cell("urp", "light-at")
     assert seen["recipe"].adversarial_epsilon == pytest.approx(4 / 255) and seen["recipe"].adversarial_steps == 2
     assert seen["recipe"].adversarial_epochs == 3 and seen["recipe"].worst_of == 3
     assert get_defense("adv-training").adversarial_steps == 10  # the registered row keeps PGD-10
@@ -461,30 +463,10 @@ def test_runner_hands_a_defense_its_pgd_steps(toy_cifar, tmp_path, monkeypatch):
 def test_runner_adds_the_defenders_clean_images_as_they_are(toy_cifar, tmp_path, monkeypatch):
     # clean_images=n: the cell trains on the defense's one-time stages of the poisoned set plus n class-balanced
     # images of the excluded test images (the denoiser's sparse set), those untouched by the one-time stages.
-    seen = {}
-
-    def spy(images, labels, test_images, test_labels, recipe, **kwargs):
-        seen.update(images=images, labels=labels, test_labels=test_labels)
-        return {"test_accuracy": 0.5, "train_accuracy": 0.5, "train_seconds": 0.0, "images_per_second": 1.0,
-                "parameters": 1}  # fmt: skip
-
-    monkeypatch.setattr(runner, "train_classifier", spy)
     inverted = Defense("invert-clean", prepare=lambda x, y: 255 - x, clean_images=6, options={"clean_images": 6})
-    monkeypatch.setattr(runner, "get_defense", lambda name, context=None: inverted)
     exclude = tmp_path / "held.json"
     exclude.write_text(json.dumps({"indices": [0, 1, 2, 3, 4, 5, 6, 7]}))
-    config = BenchConfig(
-        data=str(toy_cifar),
-        poisons="urp",
-        defenses=("none",),
-        clean=False,
-        subset=0,
-        exclude_test=str(exclude),
-        output_dir=str(tmp_path / "out"),
-        cache_dir=str(tmp_path / "cache"),
-        progress=False,
-    )
-    run = runner._Run(config)
+    run, seen = _spied_run(inverted, toy_cifar, tmp_path, monkeypatch, exclude_test=str(exclude))
     cell = run.run_cell(runner.CLEAN, "invert-clean")
     z = np.load(toy_cifar)
     train = torch.from_numpy(z["x_train"]).permute(0, 3, 1, 2)
