@@ -42,6 +42,7 @@ TIERS = {
             "border-despeckle-jpeg-at1": THROUGH_SQUEEZE,
             "border-despeckle-jpeg-at2": THROUGH_SQUEEZE,
             "border-despeckle-jpeg-clean400": (*THROUGH_SQUEEZE, SQUEEZE_CLEAN_ADP),
+            "border-despeckle-jpeg-clean400x5": (*THROUGH_SQUEEZE, SQUEEZE_CLEAN_ADP),
         },
         "note": "adaptive: the lowest of the attacks crafted through the row's own stages",
     },

@@ -342,7 +342,7 @@ class PurifiedDataset(Dataset):
             label = self.target_transform(label)
         return image, label
 
-    def with_trusted(self, dataset: Dataset) -> ConcatDataset:
+    def with_trusted(self, dataset: Dataset, *, repeat: int = 1) -> ConcatDataset:
         """This dataset followed by ``dataset``: images you trust (a set you collected and checked yourself, even a
         small one), which skip the one-time stages and are compensated and transformed like the purified images on
         every access.
@@ -356,15 +356,19 @@ class PurifiedDataset(Dataset):
             dataset: a map-style dataset of ``(image, label)``, images as the wrapped dataset's (PIL, uint8 or float
                 in ``[0, 1]``, ``(3, H, W)``), of the same size as the purified ones (checked on the first item),
                 labels in the wrapped dataset's numbering.
+            repeat: how many times each trusted image appears per epoch (more weight beside a large purified set;
+                on the bench's quick tier 5 did better than 1 on clean data, CUDA and the attack through the squeeze).
 
         Returns:
-            a :class:`~torch.utils.data.ConcatDataset` of ``len(self) + len(dataset)`` items, the purified ones first.
+            a :class:`~torch.utils.data.ConcatDataset` of ``len(self) + repeat * len(dataset)`` items, the purified
+            ones first.
 
         Example:
             >>> trusted = torchvision.datasets.ImageFolder("my-checked-images")  # doctest: +SKIP
             >>> train = PurifiedDataset(scraped, EclipsePurify(), transform=augment).with_trusted(trusted)  # doctest: +SKIP
         """
-        return ConcatDataset([self, _Trusted(dataset, self)])
+        repeat = check_int(repeat, "repeat", minimum=1)
+        return ConcatDataset([self, *[_Trusted(dataset, self)] * repeat])
 
     def __getattr__(self, name: str) -> Any:
         # Forward unknown public attributes (classes, class_to_idx, ...) to the wrapped dataset.

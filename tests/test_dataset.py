@@ -204,6 +204,10 @@ def test_trusted_images_skip_the_purification_and_get_the_same_per_epoch_path(tm
     assert train[-1][1] == trusted.labels[-1] + 10
     uint8 = ToyDataset(images=[(x * 255).round().to(torch.uint8) for x in trusted.images])
     assert ds.with_trusted(uint8)[10][0].dtype == torch.float32
+    five = ds.with_trusted(trusted, repeat=5)
+    assert len(five) == 10 + 30 and five[10 + 6 * 4 + 1][1] == trusted.labels[1] + 10
+    with pytest.raises(ValueError, match="repeat must be a positive int, got 0"):
+        ds.with_trusted(trusted, repeat=0)
     with pytest.raises(
         ValueError, match=r"trusted image 0 has shape \(3, 8, 8\); the purified images are .*v2.Resize"
     ):
