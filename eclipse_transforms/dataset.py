@@ -329,13 +329,18 @@ class PurifiedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         index = as_index(index)
         x = self._purified(index).to(torch.float32).div_(255)
+        return self._per_access(x.unsqueeze(0), int(self.labels[index]))
+
+    def _per_access(self, x: torch.Tensor, label: int) -> tuple[Any, Any]:
+        """An item from its one-image float batch ``x`` ``(1, C, H, W)`` in ``[0, 1]``: the compensation, redrawn
+        now, then ``transform``; ``target_transform`` on ``label``. Trusted images (:meth:`with_trusted`) go through
+        it too."""
         if self.compensation is not None:
             # compensate() draws the same numbers from torch's global RNG as calling the transform, without
             # the v2 dispatch and input checks per item (the cached images are known-good): 2.4x faster reads
             # in an interleaved A/B on this machine (8,047 -> 19,165 and 10,692 -> 25,163 items/s).
-            x = self.compensation.compensate(x.unsqueeze(0)).squeeze(0)
-        image = tv_tensors.Image(x)
-        label = int(self.labels[index])
+            x = self.compensation.compensate(x)
+        image = tv_tensors.Image(x.squeeze(0))
         if self.transform is not None:
             image = self.transform(image)
         if self.target_transform is not None:
@@ -406,7 +411,8 @@ class PurifiedDataset(Dataset):
 
 
 class _Trusted(Dataset):
-    """Trusted ``(image, label)`` items, compensated and transformed as ``purified``'s items are (not purified)."""
+    """Trusted ``(image, label)`` items, compensated and transformed by ``purified`` as its own items are (not
+    purified)."""
 
     def __init__(self, dataset: Dataset, purified: PurifiedDataset) -> None:
         if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
@@ -417,10 +423,7 @@ class _Trusted(Dataset):
         if len(dataset) == 0:
             raise ValueError("trusted dataset is empty; pass at least one (image, label) item, or skip with_trusted.")
         self.dataset = dataset
-        self.compensation = purified.compensation
-        self.transform = purified.transform
-        self.target_transform = purified.target_transform
-        self.image_shape = tuple(purified.image_shape)
+        self.purified = purified
         self._image(0)  # the first item's type and size, before any training starts
 
     def __len__(self) -> int:
@@ -429,10 +432,11 @@ class _Trusted(Dataset):
     def _image(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = _split_item(self.dataset[index], index)
         x, _ = to_float_batch(image, name=f"trusted image {index}")
-        if tuple(x.shape) != (1, *self.image_shape):
+        shape = tuple(self.purified.image_shape)
+        if tuple(x.shape) != (1, *shape):
             raise ValueError(
                 f"trusted image {index} has shape {tuple(x.shape[1:]) if x.shape[0] == 1 else tuple(x.shape)}; the "
-                f"purified images are {self.image_shape}: resize them (e.g. v2.Resize in the trusted dataset's "
+                f"purified images are {shape}: resize them (e.g. v2.Resize in the trusted dataset's "
                 "transform) so that both can be batched together."
             )
         return x, as_label(label, f"the label of trusted item {index}")
@@ -441,12 +445,4 @@ class _Trusted(Dataset):
         index = as_index(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} is out of range for a trusted dataset of {len(self)} items.")
-        x, label = self._image(index % len(self))
-        if self.compensation is not None:
-            x = self.compensation.compensate(x)
-        image = tv_tensors.Image(x.squeeze(0))
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            label = self.target_transform(label)
-        return image, label
+        return self.purified._per_access(*self._image(index % len(self)))

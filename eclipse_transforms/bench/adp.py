@@ -118,6 +118,11 @@ def adp(
     """
     denoiser = freeze(load_denoiser(config.weights, device=device, dtype=config.dtype))
 
+    def per_epoch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:  # the defense's per-epoch stages
+        if not config.compensation:
+            return x
+        return EF.corruption_compensation(x, p_gray=config.p_gray, sigma=config.sigma, generator=g)
+
     def through_defense(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         x = through_squeeze(x, config)
         purified = (
@@ -125,9 +130,7 @@ def adp(
             if config.diffusion
             else x
         )
-        if not config.compensation:
-            return purified
-        return EF.corruption_compensation(purified, p_gray=config.p_gray, sigma=config.sigma, generator=g)
+        return per_epoch(purified, g)
 
     extra = {"defense": {k: v for k, v in config.to_dict().items() if k != "em"}, "denoiser": denoiser.fingerprint}
     clean = None
@@ -136,12 +139,6 @@ def adp(
             raise ValueError(
                 f"clean_images ({config.clean_images}) must be smaller than the training set ({len(labels)} images)."
             )
-
-        def per_epoch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-            if not config.compensation:
-                return x
-            return EF.corruption_compensation(x, p_gray=config.p_gray, sigma=config.sigma, generator=g)
-
         pick = _balanced(labels, config.clean_images, seed)
         per_batch = max(1, round(config.em.batch_size * config.clean_images / len(labels)))
         clean = CleanMix(images[pick].to(device), labels[pick].to(device), per_batch, per_epoch)
