@@ -265,8 +265,15 @@ def test_adp_models_a_defender_who_adds_clean_images(data, tiny_folder, monkeypa
     assert any(torch.equal(mix.images[0], x) for x in images)
     assert (out.int() - images.int()).abs().max() <= 8
     assert not torch.equal(out, adp(images, labels, config=squeeze, progress=False))  # the surrogate saw them
+    # clean_repeat=k: a defender who shows each clean image k times per epoch; k times as many per batch.
+    repeated = dataclasses.replace(config, clean_repeat=3)
+    assert "clean_repeat" not in config.to_dict() and repeated.to_dict()["clean_repeat"] == 3
+    assert not torch.equal(adp(images, labels, config=repeated, progress=False), out)
+    assert seen[-1].per_batch == round(TINY.batch_size * 24 / len(labels)) and len(seen[-1].labels) == 8
     with pytest.raises(ValueError, match="clean_images must be >= 0"):
         ADPConfig(clean_images=-1)
+    with pytest.raises(ValueError, match="clean_repeat must be >= 1"):
+        ADPConfig(clean_repeat=0)
     with pytest.raises(ValueError, match="clean_images .* must be smaller than the training set"):
         adp(images, labels, config=dataclasses.replace(squeeze, clean_images=len(labels)), progress=False)
 

@@ -63,8 +63,10 @@ class ADPConfig:
     despeckle_threshold: int = 32
     # A defender who trains also on clean images of its own (the bench's ``clean_images`` defenses), as the attacker
     # models it: clean_images of the attacker's own clean images (class-balanced; the attacker cannot reach the
-    # defender's) join every surrogate batch in the defender's proportion, through the per-epoch stages only.
+    # defender's) join every surrogate batch in the defender's proportion, through the per-epoch stages only;
+    # clean_repeat: how many times the defender shows each of them per epoch (its ``clean_repeat``).
     clean_images: int = 0
+    clean_repeat: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
@@ -72,6 +74,10 @@ class ADPConfig:
         if self.clean_images < 0:
             raise ValueError(
                 f"clean_images must be >= 0 (0: a defender without clean images); got {self.clean_images}."
+            )
+        if self.clean_repeat < 1:
+            raise ValueError(
+                f"clean_repeat must be >= 1 (how many times each clean image is seen per epoch); got {self.clean_repeat}."
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,6 +92,7 @@ class ADPConfig:
             ("repair_border", False),
             ("despeckle_threshold", 32),
             ("clean_images", 0),
+            ("clean_repeat", 1),
         )
         for name, default in later:
             if d[name] == default:
@@ -140,7 +147,8 @@ def adp(
                 f"clean_images ({config.clean_images}) must be smaller than the training set ({len(labels)} images)."
             )
         pick = _balanced(labels, config.clean_images, seed)
-        per_batch = max(1, round(config.em.batch_size * config.clean_images / len(labels)))
+        shown = config.clean_images * config.clean_repeat  # clean images per epoch, beside len(labels) poisoned
+        per_batch = max(1, round(config.em.batch_size * shown / len(labels)))
         clean = CleanMix(images[pick].to(device), labels[pick].to(device), per_batch, per_epoch)
     return min_min(
         images,

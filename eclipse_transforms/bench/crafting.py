@@ -266,7 +266,12 @@ def train_batches(
         y = labels[idx]
         if clean is not None:
             g = torch.Generator().manual_seed(derive_seed(seed, "clean", cursor["epoch"], cursor["offset"]))
-            pick = torch.randperm(len(clean.labels), generator=g)[: clean.per_batch].to(clean.labels.device)
+            n = len(clean.labels)
+            pick = (  # more per batch than there are: some twice, as a defender who repeats them shows them
+                torch.randperm(n, generator=g)[: clean.per_batch]
+                if clean.per_batch <= n
+                else torch.randint(n, (clean.per_batch,), generator=g)
+            ).to(clean.labels.device)
             xc = clean.images[pick].float().div(255)
             if clean.view is not None:
                 with torch.no_grad():
