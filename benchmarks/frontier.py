@@ -7,8 +7,8 @@ defense itself included: the frontier issue 30 asks for where its targets are no
 reads the committed bench cells (no training) and prints a Markdown table. On the quick tier a row's *adaptive*
 column is the lowest of the attacks crafted through that defense's own stages (the bench's ADP through ECLIPSE for
 ECLIPSE; EM-style ADP through JPEG q10 for ISS-JPEG; ADP and REM through the squeeze for the squeeze and its PGD
-variants, the REM one modelling adversarial training too; for the squeeze with 400 trusted images also the ADP that
-models them); on the standard tier it is the bench's ADP column
+variants, the REM one modelling adversarial training too; for the squeeze with 400 trusted images also the ADPs that
+model them, seen once or five times an epoch); on the standard tier it is the bench's ADP column
 (crafted through ECLIPSE), the column the issue's targets average. A row is *on the frontier* when no other row is at least as good on clean
 data, mean and worst column and better on one. Every cell is one seed.
 """
@@ -27,8 +27,9 @@ SQUEEZE_REM = (
     "train_steps=300]"
 )
 THROUGH_SQUEEZE = (SQUEEZE_ADP, SQUEEZE_REM)
-# the ADP through the squeeze that also models the defender's 400 clean images
+# the ADP through the squeeze that also models the defender's 400 clean images (seen once, or five times, an epoch)
 SQUEEZE_CLEAN_ADP = SQUEEZE_ADP.replace("adp[", "adp[clean_images=400,")
+SQUEEZE_CLEAN5_ADP = SQUEEZE_ADP.replace("adp[", "adp[clean_images=400,clean_repeat=5,")
 
 # per tier: the cell folders (first found wins), the poison columns, and each row's attacks crafted through it
 TIERS = {
@@ -42,7 +43,7 @@ TIERS = {
             "border-despeckle-jpeg-at1": THROUGH_SQUEEZE,
             "border-despeckle-jpeg-at2": THROUGH_SQUEEZE,
             "border-despeckle-jpeg-clean400": (*THROUGH_SQUEEZE, SQUEEZE_CLEAN_ADP),
-            "border-despeckle-jpeg-clean400x5": (*THROUGH_SQUEEZE, SQUEEZE_CLEAN_ADP),
+            "border-despeckle-jpeg-clean400x5": (*THROUGH_SQUEEZE, SQUEEZE_CLEAN_ADP, SQUEEZE_CLEAN5_ADP),
         },
         "note": "adaptive: the lowest of the attacks crafted through the row's own stages",
     },
@@ -55,6 +56,7 @@ TIERS = {
             "iss-jpeg": ("adp",),
             "border-despeckle-jpeg": ("adp",),
             "border-despeckle-jpeg-clean2000": ("adp",),
+            "border-despeckle-jpeg-clean2000x5": ("adp",),
         },
         "note": "adaptive: the bench's ADP column, crafted through ECLIPSE (through the row's own stages for ECLIPSE "
         "only)",
@@ -86,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         measured = {c: v for c, v in scores.items() if v is not None}
         worst = min(measured, key=measured.get) if measured else None
         rows[defense] = {
-            "point": (cell(folders, "clean", defense), sum(measured.values()) / max(len(measured), 1), measured[worst])
-            if measured
-            else None,
+            "point": (
+                cell(folders, "clean", defense),
+                sum(measured.values()) / len(measured) if measured else None,
+                measured[worst] if measured else None,
+            ),
             "worst": worst,
             "measured": len(measured),
             "columns": len(scores),
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| defense ({args.tier} tier) | clean | mean | worst | columns measured | adaptive | frontier |")
     print("|---|---|---|---|---|---|---|")
     for defense, r in rows.items():
-        clean, mean, worst = r["point"] or (None, None, None)
+        clean, mean, worst = r["point"]
         if defense not in complete:
             frontier = "—"
         else:

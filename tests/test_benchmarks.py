@@ -93,11 +93,13 @@ def test_frontier_marks_the_rows_no_other_row_beats(tmp_path, capsys):
             value = clean if poison == "clean" else score
             (cells / f"{poison}__{defense}.json").write_text(f'{{"test_accuracy": {value}}}')
     (cells / "lsp__eclipse.json").write_text('{"test_accuracy": 0.30}')  # eclipse's worst column
+    (cells / "clean__border-despeckle-jpeg-clean2000.json").write_text('{"test_accuracy": 0.84}')  # clean cell only
     assert frontier.main(["--tier", "standard", "--results", str(tmp_path)]) == 0
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()}
     assert rows["eclipse"][1:4] == ["80.0", "48.0", "30.0 (lsp)"] and rows["eclipse"][-1] == "yes |"
     assert rows["iss-jpeg"][-1] == "yes |"  # worse mean and clean, but a better worst column (40 > 30)
     assert rows["border-despeckle-jpeg"][4] == "9 of 10" and rows["border-despeckle-jpeg"][-1] == "— |"
+    assert rows["border-despeckle-jpeg-clean2000"][1:5] == ["84.0", "—", "— (—)", "0 of 10"]
     (cells / "lsp__iss-jpeg.json").write_text('{"test_accuracy": 0.20}')
     frontier.main(["--tier", "standard", "--results", str(tmp_path)])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()}
