@@ -362,7 +362,8 @@ class PurifiedDataset(Dataset):
                 in ``[0, 1]``, ``(3, H, W)``), of the same size as the purified ones (checked on the first item),
                 labels in the wrapped dataset's numbering.
             repeat: how many times each trusted image appears per epoch (more weight beside a large purified set;
-                on the bench's quick tier 5 did better than 1 on clean data, CUDA and the attack through the squeeze).
+                on the bench, with trusted images 4 % of the training set, 5 did better than 1 on clean data on both
+                tiers, 84.1 against 83.4 % on all of CIFAR-10, and on every quick-tier column but one).
 
         Returns:
             a :class:`~torch.utils.data.ConcatDataset` of ``len(self) + repeat * len(dataset)`` items, the purified
