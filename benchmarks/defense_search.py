@@ -65,7 +65,7 @@ Candidates (``--list`` prints them):
   50,000); 2,000 all of it. ``none-clean400`` and ``iss-jpeg-clean400``: the same 400 clean images beside no
   defense and beside ISS-JPEG (is it the clean images alone; would any defense gain as much from them?).
   ``border-despeckle-jpeg-clean400x5`` (``-clean2000x5``): the 400 (2,000) five times per epoch (a sixth of every
-  epoch's images).
+  epoch's images); ``-clean400x10``: ten times (2 of every 7).
 * ``class-equalize``: against CUDA's class-wise kernels, a blind deconvolution per class, once: every image is
   filtered with the zero-phase gain that brings its class's mean amplitude spectrum to the classes' geometric
   mean (gain clipped to [1/4, 4]), after its outermost pixel ring is replaced by the ring inside it (a
@@ -601,9 +601,9 @@ for _n in (400, 2000):
     candidate(f"border-despeckle-jpeg-clean{_n}")(
         with_clean_images("border-despeckle-jpeg", f"border-despeckle-jpeg-clean{_n}", _n)
     )
-for _n in (400, 2000):
-    candidate(f"border-despeckle-jpeg-clean{_n}x5")(
-        with_clean_images("border-despeckle-jpeg", f"border-despeckle-jpeg-clean{_n}x5", _n, repeat=5)
+for _n, _repeat in ((400, 5), (2000, 5), (400, 10)):
+    candidate(f"border-despeckle-jpeg-clean{_n}x{_repeat}")(
+        with_clean_images("border-despeckle-jpeg", f"border-despeckle-jpeg-clean{_n}x{_repeat}", _n, repeat=_repeat)
     )
 for _base in ("none", "iss-jpeg"):  # is it the clean images alone? does any defense gain as much from them?
     candidate(f"{_base}-clean400")(with_clean_images(_base, f"{_base}-clean400", 400))
