@@ -274,6 +274,8 @@ def test_adp_models_a_defender_who_adds_clean_images(data, tiny_folder, monkeypa
         ADPConfig(clean_images=-1)
     with pytest.raises(ValueError, match="clean_repeat must be >= 1"):
         ADPConfig(clean_repeat=0)
+    with pytest.raises(ValueError, match="clean_repeat=2 needs clean_images > 0"):
+        ADPConfig(clean_repeat=2)
     with pytest.raises(ValueError, match="clean_images .* must be smaller than the training set"):
         adp(images, labels, config=dataclasses.replace(squeeze, clean_images=len(labels)), progress=False)
 

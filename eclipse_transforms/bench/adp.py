@@ -79,6 +79,8 @@ class ADPConfig:
             raise ValueError(
                 f"clean_repeat must be >= 1 (how many times each clean image is seen per epoch); got {self.clean_repeat}."
             )
+        if self.clean_repeat != 1 and not self.clean_images:
+            raise ValueError(f"clean_repeat={self.clean_repeat} needs clean_images > 0 (the images it repeats).")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
