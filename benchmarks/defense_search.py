@@ -597,14 +597,9 @@ def with_clean_images(base: str, name: str, n: int, repeat: int = 1):
     return factory
 
 
-for _n in (400, 2000):
-    candidate(f"border-despeckle-jpeg-clean{_n}")(
-        with_clean_images("border-despeckle-jpeg", f"border-despeckle-jpeg-clean{_n}", _n)
-    )
-for _n, _repeat in ((400, 5), (2000, 5), (400, 10)):
-    candidate(f"border-despeckle-jpeg-clean{_n}x{_repeat}")(
-        with_clean_images("border-despeckle-jpeg", f"border-despeckle-jpeg-clean{_n}x{_repeat}", _n, repeat=_repeat)
-    )
+for _n, _repeat in ((400, 1), (2000, 1), (400, 5), (2000, 5), (400, 10)):
+    _name = f"border-despeckle-jpeg-clean{_n}" + (f"x{_repeat}" if _repeat != 1 else "")
+    candidate(_name)(with_clean_images("border-despeckle-jpeg", _name, _n, repeat=_repeat))
 for _base in ("none", "iss-jpeg"):  # is it the clean images alone? does any defense gain as much from them?
     candidate(f"{_base}-clean400")(with_clean_images(_base, f"{_base}-clean400", 400))
 
