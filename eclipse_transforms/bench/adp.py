@@ -44,7 +44,7 @@ class ADPConfig:
     t_star: int = 100
     purifier_steps: int = 1  # ours: the defense uses 4; 1 keeps the UNet backward affordable
     # The attacker's UNet precision. "bfloat16" was ~2x faster on one AMD EPYC with AVX512-BF16, no faster per signed
-    # step on another (family 26) and 0.55x on an Intel Xeon with it (no AMX): time both with
+    # step on another (family 26), 0.55x on an Intel Xeon with it (no AMX) and 1.7x on a Xeon with AMX: time both with
     # benchmarks/bench_poisons.py --crafting --poisons adp before a long run.
     dtype: str = "float32"
     p_gray: float = 0.4
