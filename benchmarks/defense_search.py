@@ -65,7 +65,9 @@ Candidates (``--list`` prints them):
   50,000); 2,000 all of it. ``none-clean400`` and ``iss-jpeg-clean400``: the same 400 clean images beside no
   defense and beside ISS-JPEG (is it the clean images alone; would any defense gain as much from them?).
   ``border-despeckle-jpeg-clean400x5`` (``-clean2000x5``): the 400 (2,000) five times per epoch (a sixth of every
-  epoch's images); ``-clean400x10``: ten times (2 of every 7).
+  epoch's images); ``-clean400x10``: ten times (2 of every 7). The squeeze's four (400 or 2,000, once or five
+  times) won and are now the library bench's own defenses (``eclipse-transforms bench --defenses ...``); the rest
+  stay here.
 * ``class-equalize``: against CUDA's class-wise kernels, a blind deconvolution per class, once: every image is
   filtered with the zero-phase gain that brings its class's mean amplitude spectrum to the classes' geometric
   mean (gain clipped to [1/4, 4]), after its outermost pixel ring is replaced by the ring inside it (a
@@ -126,7 +128,7 @@ import torch
 from eclipse_transforms import RepairBorder, cli
 from eclipse_transforms import functional as EF
 from eclipse_transforms.bench import Defense, get_defense, register_defense
-from eclipse_transforms.bench.defenses import DefenseContext, compensation, jpeg, purified
+from eclipse_transforms.bench.defenses import DefenseContext, compensation, jpeg, purified, with_trusted
 from eclipse_transforms.bench.poisons import cuda_kernels, num_classes
 from eclipse_transforms.purify import DEFAULT_STEPS
 from eclipse_transforms.utils import file_digest, quantize
@@ -585,23 +587,13 @@ candidate("border-despeckle-jpeg-at2-first8")(
 )
 
 
-def with_clean_images(base: str, name: str, n: int, repeat: int = 1):
-    """A factory for defense ``base`` whose classifier trains also on ``n`` images of the defender's clean set
-    (``repeat`` times each per epoch)."""
-
-    def factory(context: DefenseContext) -> Defense:
-        defense = get_defense(base, context)
-        options = {**defense.options, "clean_images": n, **({"clean_repeat": repeat} if repeat != 1 else {})}
-        return replace(defense, name=name, clean_images=n, clean_repeat=repeat, options=options)
-
-    return factory
-
-
-for _n, _repeat in ((400, 1), (2000, 1), (400, 5), (2000, 5), (400, 10)):
-    _name = f"border-despeckle-jpeg-clean{_n}" + (f"x{_repeat}" if _repeat != 1 else "")
-    candidate(_name)(with_clean_images("border-despeckle-jpeg", _name, _n, repeat=_repeat))
+# The squeeze with 400 or 2,000 trusted images, once or five times an epoch, moved into the library's bench
+# (eclipse_transforms.bench.defenses.with_trusted); ten times an epoch, and beside other defenses, stay here.
+candidate("border-despeckle-jpeg-clean400x10")(
+    with_trusted("border-despeckle-jpeg", "border-despeckle-jpeg-clean400x10", 400, 10)
+)
 for _base in ("none", "iss-jpeg"):  # is it the clean images alone? does any defense gain as much from them?
-    candidate(f"{_base}-clean400")(with_clean_images(_base, f"{_base}-clean400", 400))
+    candidate(f"{_base}-clean400")(with_trusted(_base, f"{_base}-clean400", 400))
 
 
 @candidate("class-equalize")

@@ -509,6 +509,28 @@ def test_border_despeckle_jpeg_defense_is_the_library_transforms():
     assert torch.equal(again, ours)
 
 
+@pytest.mark.parametrize(
+    ("name", "n", "repeat"),
+    [("border-despeckle-jpeg-clean2000x5", 2000, 5), ("border-despeckle-jpeg-clean400", 400, 1)],
+)
+def test_trusted_squeeze_rows_are_the_squeeze_plus_trusted_images(name, n, repeat):
+    # The bench's trusted rows are the squeeze's stages unchanged, plus n trusted images shown repeat times an epoch;
+    # their options (in every cell's key) say so, and a repeat of 1 stays out of them (the keys of cells run before).
+    squeeze, trusted = get_defense("border-despeckle-jpeg"), get_defense(name)
+    assert (trusted.name, trusted.clean_images, trusted.clean_repeat) == (name, n, repeat)
+    assert trusted.options == {
+        **squeeze.options,
+        "clean_images": n,
+        **({"clean_repeat": repeat} if repeat > 1 else {}),
+    }
+    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(trusted.prepare(x, None), squeeze.prepare(x, None))
+    batch = x.float() / 255
+    g = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    assert torch.equal(trusted.epoch_transform(batch, g()), squeeze.epoch_transform(batch, g()))
+    assert squeeze.clean_images == 0
+
+
 def test_models_shapes_and_sizes():
     from eclipse_transforms.bench.models import build_model
 

@@ -1,5 +1,6 @@
 """Defenses the bench compares, in a small registry: none, ISS grayscale / JPEG, ECLIPSE and its ablations, the
-defense search's border-despeckle-JPEG recipe, and adversarial training.
+defense search's border-despeckle-JPEG recipe (the squeeze) alone and beside the defender's trusted images, and
+adversarial training.
 
 A defense has two parts, either of which may be absent:
 
@@ -21,7 +22,7 @@ every image on the worst of ``worst_of`` draws of its per-epoch stages and crop/
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from ..repair_border import RepairBorder
 from ..utils import quantize
 from .registry import Registry
 
-__all__ = ["Defense", "DefenseContext", "register_defense", "list_defenses", "get_defense"]
+__all__ = ["Defense", "DefenseContext", "register_defense", "list_defenses", "get_defense", "with_trusted"]
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,27 @@ def _border_despeckle_jpeg(context: DefenseContext) -> Defense:
         epoch_transform=compensation(p_gray=0.4, sigma=0.0),
         options={"ring": 1, "threshold": 64, "quality": 20, "p_gray": 0.4},
     )
+
+
+def with_trusted(base: str, name: str, n: int, repeat: int = 1) -> DefenseFactory:
+    """A factory for defense ``base`` whose classifier trains also on ``n`` trusted images, ``repeat`` times each per
+    epoch: class-balanced images of the defender's own clean set (the denoiser's sparse set, which the bench leaves
+    out of its test set), through the per-epoch stages only (what ``PurifiedDataset.with_trusted`` does)."""
+
+    def factory(context: DefenseContext) -> Defense:
+        defense = get_defense(base, context)
+        options = {**defense.options, "clean_images": n, **({"clean_repeat": repeat} if repeat != 1 else {})}
+        return replace(defense, name=name, clean_images=n, clean_repeat=repeat, options=options)
+
+    return factory
+
+
+# The squeeze beside the defender's trusted images (README, "Trusted images change the picture"): 400 on the quick
+# tier and 2,000 on the standard one (4 % of the training set; 2,000 is the whole sparse set), once or five times an
+# epoch (``repeat=5``: the library's recommendation when a clean set is at hand).
+for _n, _repeat in ((400, 1), (2000, 1), (400, 5), (2000, 5)):
+    _name = f"border-despeckle-jpeg-clean{_n}" + (f"x{_repeat}" if _repeat != 1 else "")
+    register_defense(_name)(with_trusted("border-despeckle-jpeg", _name, _n, _repeat))
 
 
 @register_defense("compensation-only")

@@ -78,11 +78,14 @@ def write_chart(results: dict[str, Any], path: Path) -> bool:
     grid = accuracy_grid(results)
     columns = [*results["columns"], "mean"]
     width = 0.8 / max(len(grid), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(columns) + 2), 4.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(columns) + 2), 4.6))
     for i, (defense, row) in enumerate(grid.items()):
         xs = [j + (i - (len(grid) - 1) / 2) * width for j in range(len(columns))]
         ax.bar(xs, [row[c] or 0.0 for c in columns], width, label=defense)
-    ax.set_xticks(range(len(columns)), [column_label(c) for c in columns])
+    # a poison's settings go under its name, one per line, so long labels do not run into their neighbours
+    labels = [column_label(c).replace("[", "\n[").replace(",", ",\n") for c in columns]
+    ax.set_xticks(range(len(columns)), labels)
+    below = 0.1 + 0.05 * max(label.count("\n") for label in labels)  # the legend goes under the longest label
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"eclipse-transforms bench, tier {results['tier']['name']}")
@@ -90,10 +93,10 @@ def write_chart(results: dict[str, Any], path: Path) -> bool:
     clean = grid.get("none", {}).get("clean")
     if clean is not None:
         ax.axhline(clean, color="0.3", linestyle="--", linewidth=0.8, label="clean data, no defense")
-    ax.legend(fontsize=8, ncol=min(4, len(grid) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    ax.legend(fontsize=8, ncol=min(4, len(grid) + 1), loc="upper center", bbox_to_anchor=(0.5, -below), frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     atomic_write(Path(path), buf.getvalue())
     return True
