@@ -15,8 +15,8 @@ every image on the worst of ``worst_of`` draws of its per-epoch stages and crop/
 ``clean_images`` images of the defender's own clean set (the denoiser's sparse set) to the training set.
 
     >>> from eclipse_transforms.bench.defenses import list_defenses
-    >>> list_defenses()[:4]
-    ['adv-training', 'border-despeckle-jpeg', 'compensation-only', 'eclipse']
+    >>> [name for name in list_defenses() if name.startswith("border-despeckle-jpeg")]  # the squeeze, with trusted images
+    ['border-despeckle-jpeg', 'border-despeckle-jpeg-clean2000', 'border-despeckle-jpeg-clean2000x5', 'border-despeckle-jpeg-clean400', 'border-despeckle-jpeg-clean400x5']
 """
 
 from __future__ import annotations
