@@ -1,4 +1,4 @@
-"""``eclipse-transforms``: the command line, a thin layer over the library's API.
+"""eclipse-transforms: the command line, a thin layer over the library's API.
 
 eclipse-transforms demo   [--out grid.png]                 # purify generated poisoned images, write a grid
 eclipse-transforms purify INPUT OUTPUT [--steps --dtype]   # ImageFolder / CIFAR root / .npz -> folder or .npz
@@ -275,7 +275,7 @@ COMMANDS = ("demo", "purify", "info", "train", "bench")
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI's parser. With ``command`` other than ``"bench"``, the bench's options (and the import of its
     crafting code) are left out: ``demo``, ``purify``, ``info`` and ``train`` start without them."""
-    parser = argparse.ArgumentParser(prog="eclipse-transforms", description=__doc__.split("\n")[0].replace("``", ""))
+    parser = argparse.ArgumentParser(prog="eclipse-transforms", description=__doc__.split("\n")[0])
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", required=True)
