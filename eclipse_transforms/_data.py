@@ -92,12 +92,24 @@ def _load_npz(path: Path, split: str) -> ImageSet:
     )
 
 
+def _read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file as uint8 ``(H, W, 3)``, converted to RGB as torchvision's ``ImageFolder`` does (grayscale,
+    palette, CMYK, alpha dropped); images of more than 8 bits a channel are refused, not clipped."""
+    with PIL.Image.open(path) as im:
+        if im.mode.startswith(("I", "F")):
+            raise ValueError(
+                f"{path} is a {im.mode!r} image (more than 8 bits a channel), which converting to 8-bit RGB would "
+                "clip; scale it to 8 bits first."
+            )
+        return np.array(im.convert("RGB"))
+
+
 class FolderImages(torch.utils.data.Dataset):
     """An ImageFolder tree read one image at a time: ``(uint8 (3, H, W) tensor, label)`` items, in
     ``torchvision.datasets.ImageFolder``'s order, so memory does not grow with the number of images.
 
-    Every image must be RGB-convertible (RGB, P or RGBA) and of the first image's size; an item that is not
-    raises a ``ValueError`` naming its file.
+    Images are converted to RGB as ``ImageFolder`` does (8 bits a channel; deeper images are refused) and must be
+    of the first image's size; an item that is not raises a ``ValueError`` naming its file.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -113,11 +125,7 @@ class FolderImages(torch.utils.data.Dataset):
         self.size = tuple(self._read(0).shape[1:])
 
     def _read(self, index: int) -> torch.Tensor:
-        path = self.samples[index][0]
-        with PIL.Image.open(path) as im:
-            if im.mode not in ("RGB", "P", "RGBA"):
-                raise ValueError(f"{path} is a {im.mode!r} image; the denoiser needs RGB images.")
-            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        return torch.from_numpy(_read_rgb(self.samples[index][0])).permute(2, 0, 1)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -138,10 +146,7 @@ def _load_folder(root: Path) -> ImageSet:
     folder = ImageFolder(root, loader=PIL.Image.open)
     images, files, sizes = [], [], set()
     for path, _ in folder.samples:
-        with PIL.Image.open(path) as im:
-            if im.mode not in ("RGB", "P", "RGBA"):
-                raise ValueError(f"{path} is a {im.mode!r} image; the denoiser needs RGB images.")
-            arr = np.asarray(im.convert("RGB"))
+        arr = _read_rgb(path)
         sizes.add(arr.shape[:2])
         if len(sizes) > 1:
             raise ValueError(

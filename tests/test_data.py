@@ -109,3 +109,32 @@ def test_a_file_that_is_not_an_npz(tmp_path, content):
     (tmp_path / "y.npy").rename(tmp_path / "y.npz")
     with pytest.raises(ValueError, match="single .npy array"):
         load_image_set(tmp_path / "y.npz")
+
+
+def test_an_image_folder_is_read_as_rgb_like_torchvision_reads_it(tmp_path, rng):
+    import PIL.Image
+    import torch
+    from torchvision.datasets import ImageFolder
+
+    from eclipse_transforms._data import FolderImages
+
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    PIL.Image.fromarray(rgb).save(tmp_path / "a" / "rgb.png")
+    PIL.Image.fromarray(rgb[..., 0]).save(tmp_path / "a" / "gray.png")
+    PIL.Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(tmp_path / "b" / "rgba.png")
+    PIL.Image.fromarray(rgb).convert("CMYK").save(tmp_path / "b" / "cmyk.tiff")
+    PIL.Image.fromarray(rgb).convert("P").save(tmp_path / "b" / "palette.png")
+    expected = ImageFolder(tmp_path)  # torchvision's default loader: convert("RGB")
+    want = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im, _ in expected])
+    whole, lazy = load_image_set(tmp_path), FolderImages(tmp_path)
+    assert torch.equal(whole.images, want)
+    assert torch.equal(torch.stack([lazy[i][0] for i in range(len(lazy))]), want)
+    assert whole.labels.tolist() == expected.targets == [lazy[i][1] for i in range(len(lazy))]
+    assert torch.equal(whole.images[1, 0], torch.from_numpy(rgb[..., 0]))  # grayscale: R = G = B = its value
+
+    PIL.Image.new("I;16", (8, 8), 1000).save(tmp_path / "b" / "deep.png")  # 1000 would clip to 255
+    for read in (lambda: load_image_set(tmp_path), lambda: FolderImages(tmp_path)[3]):
+        with pytest.raises(ValueError, match=r"deep\.png is a 'I;16' image \(more than 8 bits a channel\)"):
+            read()

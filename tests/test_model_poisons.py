@@ -15,6 +15,7 @@ from eclipse_transforms.bench import rem as rem_module
 from eclipse_transforms.bench import sep as sep_module
 from eclipse_transforms.bench import tap as tap_module
 from eclipse_transforms.bench.adp import ADPConfig, adp
+from eclipse_transforms.bench.crafting import CraftState
 from eclipse_transforms.bench.em import EMConfig, em
 from eclipse_transforms.bench.poisons import get_poison
 from eclipse_transforms.bench.rem import REMConfig, rem
@@ -84,6 +85,22 @@ def test_em_resume_after_interruption_equals_uninterrupted(data, tmp_path, monke
     # A damaged checkpoint is not trusted: the run starts over and still gives the same poison.
     (tmp_path / "state.pt").write_bytes(b"garbage")
     assert torch.equal(em(images, labels, seed=0, config=TINY, progress=False, work_dir=tmp_path), expected)
+    assert (tmp_path / "state.unreadable-0.pt").read_bytes() == b"garbage"  # set aside, not overwritten
+
+
+def test_a_checkpoint_made_with_other_settings_is_set_aside_never_overwritten(tmp_path, caplog):
+    CraftState(tmp_path, {"seed": 0}).save({"round": 7})
+    original = (tmp_path / "state.pt").read_bytes()
+    with caplog.at_level(logging.WARNING, logger="eclipse_transforms.bench"):
+        assert CraftState(tmp_path, {"seed": 1}).load() is None
+    assert f"moved to {tmp_path / 'state.other-settings-0.pt'}" in caplog.text
+    assert not (tmp_path / "state.pt").exists()
+    assert (tmp_path / "state.other-settings-0.pt").read_bytes() == original
+    CraftState(tmp_path, {"seed": 1}).save({"round": 0})  # the new run's first save
+    assert CraftState(tmp_path, {"seed": 2}).load() is None  # a third setting: the second file gets the next name
+    assert (tmp_path / "state.other-settings-0.pt").read_bytes() == original
+    assert torch.load(tmp_path / "state.other-settings-1.pt", weights_only=True)["meta"] == {"seed": 1}
+    assert CraftState(tmp_path / "absent", {"seed": 0}).load() is None
 
 
 def test_em_resume_inside_a_perturbation_pass_equals_uninterrupted(data, tmp_path, monkeypatch, caplog):

@@ -123,11 +123,11 @@ def test_grayscale_images(tmp_path):
         train(tiny_config(tmp_path, data=str(data)), progress=False)
 
 
-def test_grayscale_image_folder(tmp_path):
+def test_sixteen_bit_image_folder(tmp_path):
     for i in range(2):
         (tmp_path / "imgs" / "a").mkdir(parents=True, exist_ok=True)
-        PIL.Image.new("L", (8, 8)).save(tmp_path / "imgs" / "a" / f"{i}.png")
-    with pytest.raises(ValueError, match="'L' image; the denoiser needs RGB"):
+        PIL.Image.new("I;16", (8, 8), 300 * i).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    with pytest.raises(ValueError, match="more than 8 bits a channel.*scale it to 8 bits first"):
         train(tiny_config(tmp_path, data=str(tmp_path / "imgs")), progress=False)
 
 

@@ -97,18 +97,32 @@ class CraftState:
         self.meta = meta
 
     def load(self) -> dict[str, Any] | None:
+        """The checkpoint's state, or ``None`` to start over.
+
+        A checkpoint that cannot be resumed (unreadable, or made with other settings) is moved aside to
+        ``state.<reason>-<n>.pt`` before the run starts over, so the run's first save never overwrites hours of
+        someone else's work: the old file stays for a person to inspect or restore."""
         if self.path is None or not self.path.is_file():
             return None
         try:
             state = torch.load(self.path, weights_only=True, map_location="cpu")
         except Exception as e:  # a damaged checkpoint restarts the run, never corrupts it
-            logger.warning("checkpoint %s is unreadable (%s); starting over", self.path, e)
+            kept = self._set_aside("unreadable")
+            logger.warning("checkpoint %s is unreadable (%s); moved to %s, starting over", self.path, e, kept)
             return None
         if state.get("meta") != self.meta:
-            logger.warning("checkpoint %s was made with other settings; starting over", self.path)
+            kept = self._set_aside("other-settings")
+            logger.warning("checkpoint %s was made with other settings; moved to %s, starting over", self.path, kept)
             return None
         logger.info("resuming from checkpoint %s", self.path)
         return state
+
+    def _set_aside(self, reason: str) -> Path:
+        n = 0
+        while (kept := self.path.with_name(f"state.{reason}-{n}.pt")).exists():
+            n += 1
+        os.replace(self.path, kept)
+        return kept
 
     def report(self, report: dict[str, Any]) -> None:
         """Write ``report.json`` (what the run did: rounds, convergence, settings) beside the checkpoint."""
