@@ -25,11 +25,19 @@ __all__ = ["purify_files"]
 
 #: Written into every output folder; ``overwrite=True`` replaces a folder only when it carries this file.
 MARKER = ".eclipse-transforms-purify.json"
+#: Suffixes of files a user may mean instead of an .npz: such an output is refused, not written as a folder.
+FILE_SUFFIXES = {".npy", ".pt", ".pth", ".pkl", ".pickle", ".zip", ".tar", ".gz", ".h5", ".hdf5", ".safetensors"}
+FILE_SUFFIXES |= {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".txt", ".json", ".csv"}
 
 
 def _check_output(out: Path, source: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output that would lose data; see :mod:`._outputs`."""
     check_output_location(out, name="output", inputs={"data": source})
+    if str(out) == "-" or out.suffix.lower() in FILE_SUFFIXES:
+        raise ValueError(
+            f"output {str(out)!r} is not an .npz file or a folder name; outputs are an .npz file (name it "
+            "'something.npz') or a new folder of PNGs (a name without a file suffix)."
+        )
     if out.suffix.lower() == ".npz":
         if out.is_dir():
             raise ValueError(f"output {str(out)!r} is a folder, not an .npz file; pass a file name or a new folder.")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -316,6 +317,8 @@ def test_user_errors_are_one_line(tiny_folder, tmp_path, capsys):
         "not a readable .npz": ["purify", str(tmp_path / "junk.npz"), str(tmp_path / "o.npz")],
         "test_batch is not a CIFAR-10 batch file": ["purify", str(tmp_path / "cifar"), str(tmp_path / "o.npz")],
         "has no ['labels']": ["purify", str(tmp_path / "nolabels"), str(tmp_path / "o.npz")],
+        "'-' is not an .npz file or a folder name": ["purify", str(src), "-"],
+        "o.npy' is not an .npz file or a folder name": ["purify", str(src), str(tmp_path / "o.npy")],
     }
     (tmp_path / "junk.npz").write_bytes(b"this is not a zip")
     for root, payload in (("cifar", b"not a pickle"), ("nolabels", None)):
@@ -329,6 +332,7 @@ def test_user_errors_are_one_line(tiny_folder, tmp_path, capsys):
         assert main(argv) == 2, match
         err = capsys.readouterr().err
         assert match in err and err.count("\n") == 1 and "Traceback" not in err and "allow_pickle" not in err
+    assert not (tmp_path / "o.npy").exists() and not Path("-").exists()
     with pytest.raises(SystemExit) as exit_:
         main(["demo", "--num-images", "0"])
     assert exit_.value.code == 2 and "--num-images: must be a positive int" in capsys.readouterr().err
