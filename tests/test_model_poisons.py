@@ -15,7 +15,7 @@ from eclipse_transforms.bench import rem as rem_module
 from eclipse_transforms.bench import sep as sep_module
 from eclipse_transforms.bench import tap as tap_module
 from eclipse_transforms.bench.adp import ADPConfig, adp
-from eclipse_transforms.bench.crafting import CraftState
+from eclipse_transforms.bench.crafting import CraftState, discard_work
 from eclipse_transforms.bench.em import EMConfig, em
 from eclipse_transforms.bench.poisons import get_poison
 from eclipse_transforms.bench.rem import REMConfig, rem
@@ -101,6 +101,17 @@ def test_a_checkpoint_made_with_other_settings_is_set_aside_never_overwritten(tm
     assert (tmp_path / "state.other-settings-0.pt").read_bytes() == original
     assert torch.load(tmp_path / "state.other-settings-1.pt", weights_only=True)["meta"] == {"seed": 1}
     assert CraftState(tmp_path / "absent", {"seed": 0}).load() is None
+    # A finished run deletes its work folder but not what was set aside in it.
+    CraftState(tmp_path, {"seed": 2}).save({"round": 1})
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "report.json").write_text("{}")
+    discard_work(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.other-settings-0.pt", "state.other-settings-1.pt"]
+    for p in list(tmp_path.iterdir()):
+        p.unlink()
+    CraftState(tmp_path, {"seed": 2}).save({"round": 1})
+    discard_work(tmp_path)
+    assert not tmp_path.exists()
 
 
 def test_em_resume_inside_a_perturbation_pass_equals_uninterrupted(data, tmp_path, monkeypatch, caplog):

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,23 @@ class CraftState:
         buf = io.BytesIO()
         torch.save({**state, "meta": self.meta}, buf)
         atomic_write(self.path, buf.getvalue())
+
+
+def discard_work(work_dir: Path | None) -> None:
+    """Delete a finished run's work folder, except the checkpoints :meth:`CraftState.load` set aside (they are
+    someone's earlier work, kept until a person removes them)."""
+    if work_dir is None or not work_dir.is_dir():
+        return
+    kept = [p for p in work_dir.iterdir() if p.is_file() and p.name.startswith("state.") and p.name != "state.pt"]
+    if not kept:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return
+    for path in work_dir.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path not in kept:
+            path.unlink(missing_ok=True)
+    logger.warning("kept %s in %s: checkpoints set aside from an earlier run", [p.name for p in kept], work_dir)
 
 
 def digest(*parts: Any) -> str:

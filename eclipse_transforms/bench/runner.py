@@ -24,7 +24,6 @@ import json
 import logging
 import platform
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from ..dataset import default_cache_dir
 from ..denoiser import bundled_weights_path, dtype_name
 from ..utils import atomic_write, atomic_write_json, hardware_name, load_image_set, load_indices, portable_path
 from .classifier import Recipe, train_classifier
-from .crafting import digest
+from .crafting import digest, discard_work
 from .defenses import DefenseContext, get_defense, list_defenses
 from .poisons import get_poison
 from .report import write_chart, write_table
@@ -427,7 +426,7 @@ class _Run:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._set_aside(path, key)
         atomic_write_json(path, cell)
-        shutil.rmtree(work, ignore_errors=True)
+        discard_work(work)
         logger.info("%s / %s: test accuracy %.4f", poison, defense_name, cell["test_accuracy"])
         return cell
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,16 @@ from safetensors.torch import load_file, save, save_file
 
 from ..utils import atomic_write, derive_seed, quantize
 from .classifier import Recipe, fit_classifier
-from .crafting import CraftingConfig, craft_in_shards, crafting_meta, digest, freeze, precision, work_root
+from .crafting import (
+    CraftingConfig,
+    craft_in_shards,
+    crafting_meta,
+    digest,
+    discard_work,
+    freeze,
+    precision,
+    work_root,
+)
 from .models import build_model
 from .poisons import check_poison_inputs, num_classes, register_poison
 
@@ -108,7 +116,7 @@ def _snapshots(
             tmp = path.with_suffix(".tmp")
             save_file({f"{e}/{k}": v for e, s in states.items() for k, v in s.items()}, tmp)
             os.replace(tmp, path)
-            shutil.rmtree(work, ignore_errors=True)
+            discard_work(work)
     models = []
     for epoch in sorted(states):
         model = build_model("compact", config.widths, num_classes)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from .crafting import (
     craft_in_shards,
     crafting_meta,
     digest,
+    discard_work,
     freeze,
     precision,
     uniform_like,
@@ -92,7 +92,7 @@ def _surrogate(
         tmp = path.with_suffix(".tmp")
         save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, path)
-        shutil.rmtree(path.with_suffix(".work"), ignore_errors=True)
+        discard_work(path.with_suffix(".work"))
     return model
 
 
