@@ -177,6 +177,30 @@ def test_tap_budget_determinism_target_and_resume(data, tmp_path, monkeypatch, c
     assert len(calls) == 2 * 1  # only the last shard's one batch of 8, two restarts
 
 
+def test_crafted_shards_made_with_other_settings_are_set_aside(data, tmp_path):
+    from types import SimpleNamespace
+
+    from eclipse_transforms.bench.crafting import craft_in_shards
+
+    images, labels = data
+    config = SimpleNamespace(shard_size=16, batch_size=8)
+
+    def craft(meta, value):
+        attack = lambda x, y, start: torch.full_like(x, value, dtype=torch.uint8)  # noqa: E731
+        return craft_in_shards(images, labels, attack, root=tmp_path, meta=meta, config=config, progress=False)
+
+    a, b = ({"poison": name, "config": {}, "seed": 0} for name in "ab")
+    assert (craft(a, 1) == 1).all()
+    first = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
+    assert (craft(a, 2) == 1).all()  # same settings: the shards are reused
+    assert (craft(b, 3) == 3).all()  # other settings: crafted anew, beside the old shards
+    kept = tmp_path / "shards.other-settings-0"
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == first
+    (tmp_path / "shards" / "manifest.json").write_text("not json")
+    assert (craft(b, 4) == 4).all()  # an unreadable manifest: set aside too, under the next name
+    assert (tmp_path / "shards.other-settings-1").is_dir() and kept.is_dir()
+
+
 def test_tap_moves_the_surrogate_toward_the_target(data):
     images, labels = data
     config = TAPConfig(iterations=10, batch_size=40, shard_size=40, surrogate_epochs=2, widths=(8, 8, 8), translate=0)

@@ -26,6 +26,7 @@ import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
 from .. import functional as EF
+from .._cache import MANIFEST
 from ..denoiser import dtype_name
 from ..utils import ShardStore, atomic_write, atomic_write_json, derive_seed, keeps_global_rng
 from .models import build_model
@@ -376,6 +377,25 @@ def accuracy(
     return hits / len(images)
 
 
+def _set_aside_other_shards(folder: Path, meta: dict[str, Any]) -> None:
+    """Rename crafted shards made with other settings (or with an unreadable manifest) to
+    ``shards.other-settings-<n>`` so the new run rebuilds beside them instead of overwriting hours of crafting."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        same = json.loads(manifest.read_text()).get("meta") == meta
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if same:
+        return
+    n = 0
+    while (kept := folder.with_name(f"{folder.name}.other-settings-{n}")).exists():
+        n += 1
+    os.replace(folder, kept)
+    logger.warning("crafted shards in %s were made with other settings; moved to %s, crafting anew", folder, kept)
+
+
 def craft_in_shards(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -399,6 +419,7 @@ def craft_in_shards(
     shard_size, batch_size, desc = config.shard_size, config.batch_size, meta["poison"]
     store = None
     if root is not None:
+        _set_aside_other_shards(root / "shards", meta)
         (root / "shards").mkdir(parents=True, exist_ok=True)
         store = ShardStore(root / "shards", len(images), shard_size, meta)
     out = torch.empty_like(images)
