@@ -47,7 +47,10 @@ def _as_nchw(images: np.ndarray, name: str) -> torch.Tensor:
     if images.dtype != np.uint8:
         raise ValueError(f"{name} must hold uint8 images, got dtype {images.dtype}.")
     if images.ndim == 3 or (images.ndim == 4 and 1 in (images.shape[-1], images.shape[1])):
-        raise ValueError(f"{name} holds grayscale images (shape {images.shape}); the denoiser needs RGB images.")
+        raise ValueError(
+            f"{name} holds grayscale images (shape {images.shape}); purification needs RGB images (N, H, W, 3) or "
+            "(N, 3, H, W): repeat the channel three times first (e.g. np.repeat(x.reshape(n, h, w, 1), 3, axis=-1))."
+        )
     if images.ndim != 4 or 3 not in (images.shape[-1], images.shape[1]):
         raise ValueError(f"{name} must have shape (N, H, W, 3) or (N, 3, H, W), got {images.shape}.")
     t = torch.from_numpy(np.ascontiguousarray(images))

@@ -60,6 +60,9 @@ def test_npz_keys_and_layouts(tmp_path, rng):
     np.savez(tmp_path / "c.npz", images=chw.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
         load_image_set(tmp_path / "c.npz")
+    np.savez(tmp_path / "d.npz", images=chw[:, 0])
+    with pytest.raises(ValueError, match=r"grayscale images .*repeat the channel three times"):
+        load_image_set(tmp_path / "d.npz")
 
 
 def test_indices_files(tmp_path):
