@@ -26,9 +26,8 @@ import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
 from .. import functional as EF
-from .._cache import MANIFEST
 from ..denoiser import dtype_name
-from ..utils import ShardStore, atomic_write, atomic_write_json, derive_seed, keeps_global_rng
+from ..utils import MANIFEST, ShardStore, atomic_write, atomic_write_json, derive_seed, keeps_global_rng
 from .models import build_model
 
 logger = logging.getLogger(__name__)
