@@ -137,7 +137,8 @@ def test_an_image_folder_is_read_as_rgb_like_torchvision_reads_it(tmp_path, rng)
     assert whole.labels.tolist() == expected.targets == [lazy[i][1] for i in range(len(lazy))]
     assert torch.equal(whole.images[1, 0], torch.from_numpy(rgb[..., 0]))  # grayscale: R = G = B = its value
 
-    PIL.Image.new("I;16", (8, 8), 1000).save(tmp_path / "b" / "deep.png")  # 1000 would clip to 255
+    # 1000 would clip to 255; older Pillow reads the file back as mode "I"
+    PIL.Image.new("I;16", (8, 8), 1000).save(tmp_path / "b" / "deep.png")
     for read in (lambda: load_image_set(tmp_path), lambda: FolderImages(tmp_path)[3]):
-        with pytest.raises(ValueError, match=r"deep\.png is a 'I;16' image \(more than 8 bits a channel\)"):
+        with pytest.raises(ValueError, match=r"deep\.png is a 'I(;16)?' image \(more than 8 bits a channel\)"):
             read()
