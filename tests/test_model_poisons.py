@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -460,6 +461,29 @@ def test_em_config_is_part_of_the_bench_keys():
     assert poison_settings("em") == EMConfig().to_dict() and EMConfig().bn_recalibration == 8
     assert poison_settings("adp")["em"]["bn_recalibration"] == 8
     assert poison_settings("lsp") is None  # model-free poisons keep the keys of their committed cells
+
+
+def test_crafting_configs_refuse_settings_that_would_craft_no_poison():
+    from eclipse_transforms.bench.specs import parse_poison
+
+    bad = {
+        "em[pgd_steps=0]": "pgd_steps must be an int >= 1; got 0",
+        "tap[iterations=-1]": "iterations must be an int >= 1; got -1",
+        "rem[lr=0]": "lr must be a number > 0; got 0.0",
+        "sep[epsilon=nan]": "epsilon must be a number > 0; got nan",
+        "adp[em.batch_size=0]": "batch_size must be an int >= 1; got 0",
+        "tap[translate=-2]": "translate must be an int >= 0; got -2",
+    }
+    for spec, message in bad.items():
+        with pytest.raises(ValueError, match=re.escape(f"poisons: '{spec}': {message}.")):
+            parse_poison(spec)
+    with pytest.raises(ValueError, match=r"widths must be one or more ints >= 1"):
+        EMConfig(widths=())
+    with pytest.raises(ValueError, match=r"max_rounds must be an int >= 1; got True"):
+        EMConfig(max_rounds=True)
+    # Zero where zero means "off" stays allowed (REM without its adversary, no translation: committed cells).
+    parse_poison("rem[adversary_radius=0,adversary_steps=0,eot_samples=1,translate=0]")
+    parse_poison("em[bn_recalibration=0]")
 
 
 SEP_TINY = SEPConfig(iterations=3, checkpoints=2, surrogate_epochs=3, batch_size=8, shard_size=16, widths=(8, 8, 8))

@@ -68,8 +68,28 @@ class CraftingConfig:
 
     dtype: str
 
+    #: Fields that count steps, batches, rounds or images (at least 1), that may be 0 (off), and step sizes, budgets
+    #: and rates (above 0), whichever a config has: a 0 or negative count would craft no poison at all, silently.
+    COUNTS = frozenset(
+        {"pgd_steps", "train_batches", "max_rounds", "batch_size", "iterations", "restarts", "shard_size"}
+        | {"surrogate_epochs", "checkpoints", "eot_samples", "train_steps", "lr_decay_steps", "checkpoint_steps"}
+    )
+    MAY_BE_ZERO = frozenset({"translate", "bn_recalibration", "target_offset", "adversary_steps"})
+    POSITIVE = frozenset({"epsilon", "step_size", "step_fraction", "lr", "adversary_step_size"})
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.COUNTS | self.MAY_BE_ZERO:
+                low = 0 if f.name in self.MAY_BE_ZERO else 1
+                if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                    raise ValueError(f"{f.name} must be an int >= {low}; got {value!r}.")
+            elif f.name in self.POSITIVE and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{f.name} must be a number > 0; got {value!r}.")
+        widths = getattr(self, "widths", (1,))
+        if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+            raise ValueError(f"widths must be one or more ints >= 1 (channels per stage); got {widths!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
