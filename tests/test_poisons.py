@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -119,5 +121,15 @@ def test_bad_input():
         urp(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0.0, 2.7]))
     with pytest.raises(ValueError, match="non-negative"):
         urp(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, -1]))
+    images, labels = torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1])
+    settings = {
+        "urp": ({"epsilon": 0.0}, "epsilon must be a number > 0; got 0.0"),
+        "lsp": ({"patch": 0}, "patch must be an int >= 1 that divides the image size 8x8, got 0"),
+        "ar": ({"l2": float("nan")}, "l2 must be a number > 0; got nan"),
+        "cuda": ({"blur": -0.1}, "blur must be a number >= 0; got -0.1"),
+    }
+    for name, (kwargs, message) in settings.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            get_poison(name)(images, labels, **kwargs)
     whole = urp(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0.0, 1.0]), seed=0)
     assert torch.equal(whole, urp(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]), seed=0))
