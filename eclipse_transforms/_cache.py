@@ -91,16 +91,27 @@ class ShardStore:
         self.meta = meta
         self.checksums: dict[str, str] = self._read_manifest()
 
+    @staticmethod
+    def saved_manifest(root: Path) -> Any:
+        """The parsed manifest in ``root`` (``None`` if there is none); raises ``ValueError`` if it is unreadable."""
+        path = root / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"cache manifest {path} is unreadable ({e})") from e
+
     def _read_manifest(self) -> dict[str, str]:
         """The checksums of the manifest on disk; anything unreadable or built from other settings counts as none
         (its shards are rebuilt), never as an error that would stop every later open."""
         path = self.root / MANIFEST
-        if not path.is_file():
-            return {}
         try:
-            saved = json.loads(path.read_bytes().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            logger.warning("cache manifest %s is unreadable (%s); rebuilding", path, e)
+            saved = self.saved_manifest(self.root)
+        except ValueError as e:
+            logger.warning("%s; rebuilding", e)
+            return {}
+        if saved is None:
             return {}
         if not isinstance(saved, dict) or saved.get("meta") != self.meta:
             logger.warning("cache manifest %s does not match these settings; rebuilding", path)

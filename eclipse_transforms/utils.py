@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._cache import MANIFEST, ShardStore, atomic_write, atomic_write_json
+from ._cache import ShardStore, atomic_write, atomic_write_json
 from ._data import ImageSet, load_image_set, load_indices
 from ._demo import generated_images
 from ._images import content_generators, derive_seed, index_generators, keeps_global_rng, quantize
 from ._machine import hardware_name
 
 __all__ = [
-    "MANIFEST",
     "ImageSet",
     "ShardStore",
     "array_digest",

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from .. import functional as EF
 from ..denoiser import dtype_name
-from ..utils import MANIFEST, ShardStore, atomic_write, atomic_write_json, derive_seed, keeps_global_rng
+from ..utils import ShardStore, atomic_write, atomic_write_json, derive_seed, keeps_global_rng
 from .models import build_model
+from .poisons import check_count, check_positive
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +83,9 @@ class CraftingConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in self.COUNTS | self.MAY_BE_ZERO:
-                low = 0 if f.name in self.MAY_BE_ZERO else 1
-                if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                    raise ValueError(f"{f.name} must be an int >= {low}; got {value!r}.")
-            elif f.name in self.POSITIVE and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{f.name} must be a number > 0; got {value!r}.")
+                check_count(f.name, value, low=0 if f.name in self.MAY_BE_ZERO else 1)
+            elif f.name in self.POSITIVE:
+                check_positive(f.name, value)
         widths = getattr(self, "widths", (1,))
         if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
             raise ValueError(f"widths must be one or more ints >= 1 (channels per stage); got {widths!r}.")
@@ -128,22 +127,15 @@ class CraftState:
         try:
             state = torch.load(self.path, weights_only=True, map_location="cpu")
         except Exception as e:  # a damaged checkpoint restarts the run, never corrupts it
-            kept = self._set_aside("unreadable")
+            kept = _rename_aside(self.path, "state.unreadable", ".pt")
             logger.warning("checkpoint %s is unreadable (%s); moved to %s, starting over", self.path, e, kept)
             return None
         if state.get("meta") != self.meta:
-            kept = self._set_aside("other-settings")
+            kept = _rename_aside(self.path, "state.other-settings", ".pt")
             logger.warning("checkpoint %s was made with other settings; moved to %s, starting over", self.path, kept)
             return None
         logger.info("resuming from checkpoint %s", self.path)
         return state
-
-    def _set_aside(self, reason: str) -> Path:
-        n = 0
-        while (kept := self.path.with_name(f"state.{reason}-{n}.pt")).exists():
-            n += 1
-        os.replace(self.path, kept)
-        return kept
 
     def report(self, report: dict[str, Any]) -> None:
         """Write ``report.json`` (what the run did: rounds, convergence, settings) beside the checkpoint."""
@@ -157,6 +149,15 @@ class CraftState:
         buf = io.BytesIO()
         torch.save({**state, "meta": self.meta}, buf)
         atomic_write(self.path, buf.getvalue())
+
+
+def _rename_aside(path: Path, stem: str, suffix: str) -> Path:
+    """Rename ``path`` to the first free ``<stem>-<n><suffix>`` beside it (n = 0, 1, ...): never over another."""
+    n = 0
+    while (kept := path.with_name(f"{stem}-{n}{suffix}")).exists():
+        n += 1
+    os.replace(path, kept)
+    return kept
 
 
 def discard_work(work_dir: Path | None) -> None:
@@ -399,19 +400,13 @@ def accuracy(
 def _set_aside_other_shards(folder: Path, meta: dict[str, Any]) -> None:
     """Rename crafted shards made with other settings (or with an unreadable manifest) to
     ``shards.other-settings-<n>`` so the new run rebuilds beside them instead of overwriting hours of crafting."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return
     try:
-        same = json.loads(manifest.read_text()).get("meta") == meta
-    except (OSError, ValueError, AttributeError):
-        same = False
-    if same:
+        saved = ShardStore.saved_manifest(folder)
+    except ValueError:
+        saved = {}
+    if saved is None or (isinstance(saved, dict) and saved.get("meta") == meta):
         return
-    n = 0
-    while (kept := folder.with_name(f"{folder.name}.other-settings-{n}")).exists():
-        n += 1
-    os.replace(folder, kept)
+    kept = _rename_aside(folder, f"{folder.name}.other-settings", "")
     logger.warning("crafted shards in %s were made with other settings; moved to %s, crafting anew", folder, kept)
 
 

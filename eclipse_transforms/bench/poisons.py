@@ -28,6 +28,8 @@ __all__ = [
     "list_poisons",
     "get_poison",
     "check_poison_inputs",
+    "check_positive",
+    "check_count",
     "num_classes",
     "urp",
     "lsp",
@@ -92,10 +94,16 @@ def _class_indices(labels: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
             yield cls, idx
 
 
-def _check_positive(name: str, value: Any, *, zero: bool = False) -> None:
+def check_positive(name: str, value: Any, *, zero: bool = False) -> None:
     """Refuse a poison setting that is not a number above 0 (or at least 0): it would give no poison, or NaN."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if zero else value > 0):
         raise ValueError(f"{name} must be a number {'>= 0' if zero else '> 0'}; got {value!r}.")
+
+
+def check_count(name: str, value: Any, *, low: int = 1) -> None:
+    """Refuse a poison setting that counts something (steps, images, ...) unless it is an int ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
 
 
 def _scale_l2(delta: torch.Tensor, l2: float) -> torch.Tensor:
@@ -118,7 +126,7 @@ def urp(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epsilon: f
         epsilon: L∞ budget (default 8/255).
     """
     images, labels = check_poison_inputs(images, labels)
-    _check_positive("epsilon", epsilon)
+    check_positive("epsilon", epsilon)
     g = torch.Generator().manual_seed(seed)
     patterns = (torch.rand((num_classes(labels), *images.shape[1:]), generator=g) * 2 - 1) * epsilon
     return _apply(images, patterns[labels])
@@ -169,9 +177,9 @@ def lsp(
     """
     images, labels = check_poison_inputs(images, labels)
     n, c, h, w = images.shape
-    _check_positive("class_sep", class_sep)
+    check_positive("class_sep", class_sep)
     if l2 is not None:
-        _check_positive("l2", l2)
+        check_positive("l2", l2)
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1 or h % patch or w % patch:
         raise ValueError(f"patch must be an int >= 1 that divides the image size {h}x{w}, got {patch!r}.")
     l2 = (6 / 255) * (c * h * w) ** 0.5 if l2 is None else l2
@@ -258,8 +266,8 @@ def ar(
     """
     images, labels = check_poison_inputs(images, labels)
     n, c, h, w = images.shape
-    _check_positive("l2", l2)
-    _check_positive("min_response", min_response, zero=True)
+    check_positive("l2", l2)
+    check_positive("min_response", min_response, zero=True)
     g = torch.Generator().manual_seed(seed)
     coeffs = _ar_coefficients(num_classes(labels), g, min_response, (h + 4, w + 4))
     delta = torch.empty((n, c, h, w))
@@ -318,7 +326,7 @@ def cuda(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, blur: flo
     kernel on every channel, zero padding); each image is then divided by its own maximum.
     """
     images, labels = check_poison_inputs(images, labels)
-    _check_positive("blur", blur, zero=True)
+    check_positive("blur", blur, zero=True)
     kernels = cuda_kernels(num_classes(labels), seed=seed, blur=blur)
     x = images.float() / 255
     out = torch.empty_like(x)
