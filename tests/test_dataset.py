@@ -216,10 +216,38 @@ def test_trusted_images_skip_the_purification_and_get_the_same_per_epoch_path(tm
         ds.with_trusted(ToyDataset(images=[]))
     with pytest.raises(TypeError, match="trusted dataset must be a map-style dataset"):
         ds.with_trusted(iter([]))
+    # The same class name under another label (an ImageFolder without one of the class folders) is refused;
+    # names the purified dataset does not have, or a dataset without class names, cannot be compared.
+    shifted = ToyDataset(n=2, seed=1)
+    shifted.classes = ["a", "c"]
+    with pytest.raises(ValueError, match="'c' is label 1 there and 2 in the purified dataset"):
+        ds.with_trusted(shifted)
+    shifted.class_to_idx = {"a": 0, "c": 2}  # torchvision's ImageFolder has both; class_to_idx is what counts
+    assert len(ds.with_trusted(shifted)) == 12
+    shifted.class_to_idx = {"A": 0, "C": 1}
+    assert len(ds.with_trusted(shifted)) == 12
     with pytest.raises(ValueError, match="trusted image 0 must be an RGB PIL image"):
         from PIL import Image
 
         ds.with_trusted([(Image.new("L", (W, H)), 0)])
+
+
+def test_a_trusted_image_folder_without_one_of_the_classes_is_refused(tmp_path):
+    # The mistake the class-numbering check is for: ImageFolder numbers the class folders it finds, so a small
+    # checked set that lacks 'b' calls 'c' label 1, and its 'c' images would train as 'b'.
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    def folder(root, classes):
+        for c in classes:
+            (root / c).mkdir(parents=True)
+            Image.new("RGB", (W, H), (40 * len(c), 90, 160)).save(root / c / "0.png")
+        return ImageFolder(str(root))
+
+    ds = build(EclipsePurify(), tmp_path, dataset=folder(tmp_path / "scraped", ["a", "b", "c"]))
+    with pytest.raises(ValueError, match="'c' is label 1 there and 2 in the purified dataset"):
+        ds.with_trusted(folder(tmp_path / "checked", ["a", "c"]))
+    assert ds.with_trusted(folder(tmp_path / "checked-all", ["a", "b", "c"]))[3][1] == 0
 
 
 def test_second_construction_reads_the_cache(purify, tmp_path):
