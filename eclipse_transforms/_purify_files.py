@@ -112,7 +112,8 @@ def purify_files(
 
     Args:
         source: an ImageFolder root, a torchvision CIFAR-10 root, or an ``.npz`` of uint8 images.
-        output: an ``.npz`` (keys ``images`` NHWC uint8 and ``labels``, or the input's split keys), or a folder,
+        output: an ``.npz`` (keys ``images``, NHWC uint8, and ``labels`` where the input has labels, whatever
+            the input's keys: a split-keyed input's ``x_train`` comes out as ``images``), or a folder,
             written as an ImageFolder tree of PNGs (the input's relative paths for an ImageFolder input; else
             one folder per class, named by the input's class names or by the label).
         purify: the settings; its compensation is not applied (that is a training-time, per-epoch stage).

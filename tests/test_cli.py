@@ -76,6 +76,15 @@ def test_purify_npz_to_npz(tiny_folder, tmp_path):
     assert (
         main(["--no-progress", "purify", str(src), str(dst), "--overwrite", *purify_args(tiny_folder, tmp_path)]) == 0
     )
+    # A split-keyed input (x_test, y_test) comes out under the keys every output has: images and labels.
+    with np.load(src) as a:
+        np.savez(tmp_path / "split.npz", x_test=a["images"], y_test=a["labels"], x_train=a["images"][:1])
+    out = tmp_path / "split-out.npz"
+    args = ["--no-progress", "purify", str(tmp_path / "split.npz"), str(out), "--split", "test"]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
+    with np.load(src) as a, np.load(out) as b:
+        assert sorted(b.files) == ["images", "labels"] and (b["labels"] == a["labels"]).all()
+        assert b["images"].shape == a["images"].shape
 
 
 def test_purify_in_bfloat16_is_cached_apart_from_float32(tiny_folder, tmp_path):
