@@ -414,7 +414,10 @@ class PurifiedDataset(Dataset):
 
 
 def _class_numbers(dataset: Any) -> dict[str, int]:
-    """A dataset's class names and their labels (torchvision's ``class_to_idx``, else its ``classes`` in order)."""
+    """A dataset's class names and their labels (torchvision's ``class_to_idx``, else its ``classes`` in order),
+    looking through ``Subset``s (a split of an ImageFolder)."""
+    while isinstance(dataset, Subset) and not hasattr(dataset, "class_to_idx"):
+        dataset = dataset.dataset
     numbers = getattr(dataset, "class_to_idx", None)
     if isinstance(numbers, dict):
         return {str(k): v for k, v in numbers.items()}

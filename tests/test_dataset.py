@@ -245,8 +245,11 @@ def test_a_trusted_image_folder_without_one_of_the_classes_is_refused(tmp_path):
         return ImageFolder(str(root))
 
     ds = build(EclipsePurify(), tmp_path, dataset=folder(tmp_path / "scraped", ["a", "b", "c"]))
+    checked = folder(tmp_path / "checked", ["a", "c"])
     with pytest.raises(ValueError, match="'c' is label 1 there and 2 in the purified dataset"):
-        ds.with_trusted(folder(tmp_path / "checked", ["a", "c"]))
+        ds.with_trusted(checked)
+    with pytest.raises(ValueError, match="'c' is label 1 there"):  # a split of it, too
+        ds.with_trusted(torch.utils.data.Subset(checked, [1]))
     assert ds.with_trusted(folder(tmp_path / "checked-all", ["a", "b", "c"]))[3][1] == 0
 
 
