@@ -69,7 +69,7 @@ class EclipsePurify(DiffusionTransform):
     The ``recipe`` picks the stages (:func:`recipe_settings`); ``prefilter``, ``diffusion`` and ``compensation``
     override it one by one.
 
-    * ``"squeeze"`` (the default, the bench's best defense, ``border-despeckle-jpeg`` in docs/bench.md): repair the
+    * ``"squeeze"`` (the default, the bench's best purification, ``border-despeckle-jpeg`` in docs/bench.md): repair the
       outer pixel ring (:class:`RepairBorder`), take isolated outlier pixels to their 3x3 median
       (:class:`Despeckle` at 64/255) and compress with JPEG at quality 20 (:class:`JPEGCompression`), then
       grayscale with probability 0.4 on every call. No diffusion: the denoiser is not used, and about 100x faster.
