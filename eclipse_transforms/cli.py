@@ -173,6 +173,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "parameters": sum(p.numel() for p in den.unet.parameters()),
         "t_max": den.t_max,
         "fingerprint": den.fingerprint,
+        "used_by": "recipe='eclipse' (or diffusion=True); the default recipe, the squeeze, loads no denoiser",
         "unet": {k: v for k, v in dict(den.unet.config).items() if not k.startswith("_")},
         "scheduler": {k: v for k, v in dict(den.scheduler.config).items() if not k.startswith("_")},
     }
@@ -304,7 +305,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_purify_options(p)
     p.set_defaults(func=_cmd_purify)
 
-    p = sub.add_parser("info", help="print the weights in use and their config")
+    p = sub.add_parser("info", help="print the denoiser weights that recipe='eclipse' uses, and their config")
     p.add_argument("--weights", default=None)
     p.add_argument("--revision", default=None)
     p.set_defaults(func=_cmd_info)

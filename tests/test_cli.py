@@ -149,6 +149,7 @@ def test_info_prints_the_config(tiny_folder, capsys):
     assert main(["info", "--weights", str(tiny_folder)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["t_max"] == 40 and info["scheduler"]["num_train_timesteps"] == 100 and len(info["fingerprint"]) == 64
+    assert info["used_by"].startswith("recipe='eclipse'")  # not the default recipe, which loads no denoiser
 
 
 def test_commands_other_than_bench_do_not_load_the_bench(tiny_folder):
