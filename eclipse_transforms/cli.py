@@ -126,9 +126,9 @@ def _start_distributed(args: argparse.Namespace) -> int | None:
     return dist.get_rank()
 
 
-def _on_every_rank(args: argparse.Namespace, work: Callable[[], object]) -> int:
+def _on_every_rank(args: argparse.Namespace, work: Callable[[], object], note: str | None = None) -> int:
     """Run ``work()`` alone or as this process's rank of a torchrun job; the only process, or rank 0, says what
-    ``work`` wrote."""
+    ``work`` wrote (on stdout) and then ``note`` (on stderr)."""
     rank = _start_distributed(args)
     try:
         out = work()
@@ -138,12 +138,22 @@ def _on_every_rank(args: argparse.Namespace, work: Callable[[], object]) -> int:
 
             dist.destroy_process_group()
     if rank in (None, 0):
-        print(f"wrote {out}")
+        print(f"wrote {out}", flush=True)
+        if note:
+            print(note, file=sys.stderr)
     return 0
 
 
 def _cmd_purify(args: argparse.Namespace) -> int:
     from ._purify_files import purify_files
+    from .purify import recipe_settings
+
+    per_epoch = recipe_settings(args.recipe)["compensation"]
+    note = (
+        f"note: the output holds --recipe {args.recipe}'s one-time stages; its per-epoch stage, {per_epoch!r}, is "
+        "part of the defense: add it to your training transform (eclipse_transforms, redrawn every epoch; "
+        "docs/usage.md), or train through PurifiedDataset, which applies it."
+    )
 
     return _on_every_rank(
         args,
@@ -158,6 +168,7 @@ def _cmd_purify(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             num_workers=args.num_workers,
         ),
+        note=note,
     )
 
 

@@ -64,10 +64,13 @@ def test_bench_help_lists_every_poison_and_defense(capsys, monkeypatch):
     assert epilog.split("defenses: ")[1].strip().rstrip(".").split(", ") == list_defenses()
 
 
-def test_purify_npz_to_npz(tiny_folder, tmp_path):
+def test_purify_npz_to_npz(tiny_folder, tmp_path, capsys):
     src = synthetic_npz(tmp_path / "in.npz", n=5)
     dst = tmp_path / "out.npz"
     assert main(["--no-progress", "purify", str(src), str(dst), *purify_args(tiny_folder, tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"wrote {dst}\n"  # the path alone on stdout; what the output lacks on stderr
+    assert "per-epoch stage, CorruptionCompensation(p_gray=0.4, sigma=0.05), is part of the defense" in err
     with np.load(src) as a, np.load(dst) as b:
         assert b["images"].shape == a["images"].shape and b["images"].dtype == np.uint8
         assert (b["labels"] == a["labels"]).all() and not (b["images"] == a["images"]).all()
@@ -82,6 +85,10 @@ def test_purify_npz_to_npz(tiny_folder, tmp_path):
     out = tmp_path / "split-out.npz"
     args = ["--no-progress", "purify", str(tmp_path / "split.npz"), str(out), "--split", "test"]
     assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (
+        "--recipe squeeze's one-time stages; its per-epoch stage, CorruptionCompensation(p_gray=0.4, sigma=0.0)"
+        in (capsys.readouterr().err)
+    )
     with np.load(src) as a, np.load(out) as b:
         assert sorted(b.files) == ["images", "labels"] and (b["labels"] == a["labels"]).all()
         assert b["images"].shape == a["images"].shape
