@@ -431,10 +431,10 @@ def _check_class_numbering(trusted: Any, wrapped: Any) -> None:
     for name, label in theirs.items():
         if name in ours and ours[name] != label:
             raise ValueError(
-                f"the trusted dataset numbers its classes differently from the purified one: {name!r} is label "
-                f"{label} there and {ours[name]} in the purified dataset (an ImageFolder that lacks a class folder "
-                "shifts the classes after it). Give it the same class folders, or map its labels to the purified "
-                "dataset's with its target_transform."
+                f"the trusted dataset numbers its classes differently from the purified one: class {name!r} is "
+                f"label {label} in the trusted dataset and {ours[name]} in the purified one (an ImageFolder that "
+                "lacks a class folder shifts the classes after it). Give it the same class folders, or map its "
+                "labels to the purified dataset's with its target_transform."
             )
 
 

@@ -220,7 +220,7 @@ def test_trusted_images_skip_the_purification_and_get_the_same_per_epoch_path(tm
     # names the purified dataset does not have, or a dataset without class names, cannot be compared.
     shifted = ToyDataset(n=2, seed=1)
     shifted.classes = ["a", "c"]
-    with pytest.raises(ValueError, match="'c' is label 1 there and 2 in the purified dataset"):
+    with pytest.raises(ValueError, match="class 'c' is label 1 in the trusted dataset and 2 in the purified one"):
         ds.with_trusted(shifted)
     shifted.class_to_idx = {"a": 0, "c": 2}  # torchvision's ImageFolder has both; class_to_idx is what counts
     assert len(ds.with_trusted(shifted)) == 12
@@ -246,9 +246,9 @@ def test_a_trusted_image_folder_without_one_of_the_classes_is_refused(tmp_path):
 
     ds = build(EclipsePurify(), tmp_path, dataset=folder(tmp_path / "scraped", ["a", "b", "c"]))
     checked = folder(tmp_path / "checked", ["a", "c"])
-    with pytest.raises(ValueError, match="'c' is label 1 there and 2 in the purified dataset"):
+    with pytest.raises(ValueError, match="class 'c' is label 1 in the trusted dataset and 2 in the purified one"):
         ds.with_trusted(checked)
-    with pytest.raises(ValueError, match="'c' is label 1 there"):  # a split of it, too
+    with pytest.raises(ValueError, match="class 'c' is label 1 in the trusted dataset"):  # a split of it, too
         ds.with_trusted(torch.utils.data.Subset(checked, [1]))
     assert ds.with_trusted(folder(tmp_path / "checked-all", ["a", "b", "c"]))[3][1] == 0
 
