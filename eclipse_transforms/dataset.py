@@ -369,14 +369,15 @@ class PurifiedDataset(Dataset):
 
         Returns:
             a :class:`~torch.utils.data.ConcatDataset` of ``len(self) + repeat * len(dataset)`` items, the purified
-            ones first.
+            ones first, which reads attributes it lacks (``classes``, ...) from this dataset, as this one does from
+            the wrapped dataset.
 
         Example:
             >>> trusted = torchvision.datasets.ImageFolder("my-checked-images")  # doctest: +SKIP
             >>> train = PurifiedDataset(scraped, EclipsePurify(), transform=augment).with_trusted(trusted)  # doctest: +SKIP
         """
         repeat = check_int(repeat, "repeat", minimum=1)
-        return ConcatDataset([self, *[_Trusted(dataset, self)] * repeat])
+        return _WithTrusted([self, *[_Trusted(dataset, self)] * repeat])
 
     def __getattr__(self, name: str) -> Any:
         # Forward unknown public attributes (classes, class_to_idx, ...) to the wrapped dataset.
@@ -411,6 +412,15 @@ class PurifiedDataset(Dataset):
             lines.append(f"transform: {self.transform!r}")
         body = "\n    ".join(line.replace("\n", "\n    ") for line in lines)
         return f"{type(self).__name__}(\n    {body}\n)"
+
+
+class _WithTrusted(ConcatDataset):
+    """The purified dataset followed by its trusted images; attributes it lacks are read from the purified one."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or "datasets" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.__dict__["datasets"][0], name)
 
 
 def _class_numbers(dataset: Any) -> dict[str, int]:
