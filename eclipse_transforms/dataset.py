@@ -43,9 +43,13 @@ def default_cache_dir() -> Path:
 
 def _split_item(item: Any, index: int) -> tuple[Any, Any]:
     if not isinstance(item, (tuple, list)) or len(item) != 2:
+        hint = ""
+        if isinstance(item, dict):  # a Hugging Face datasets row, say
+            keys = ", ".join(map(repr, list(item)[:4]))
+            hint = f" with keys {keys}; wrap the dataset so that it returns (row[image key], row[label key])"
         raise TypeError(
             f"dataset items must be (image, label) pairs like torchvision datasets return; item {index} is a "
-            f"{type(item).__name__}{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}."
+            f"{type(item).__name__}{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}{hint}."
         )
     return item[0], item[1]
 

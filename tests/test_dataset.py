@@ -398,6 +398,12 @@ def test_uint8_and_pil_sources(purify, tmp_path):
         (ToyDataset(images=[torch.full((3, H, W), float("nan"))]), ValueError, "NaN"),
         (ToyDataset(images=[torch.rand(3, 11, 7)]), ValueError, "multiples of 2"),
         ([torch.rand(3, H, W)], TypeError, r"\(image, label\) pairs"),
+        ([(torch.rand(3, H, W), 0, 0)], TypeError, "item 0 is a tuple of length 3"),
+        (
+            [{"img": torch.rand(3, H, W), "label": 0}],
+            TypeError,
+            r"item 0 is a dict with keys 'img', 'label'; wrap the dataset so that it returns \(row\[image key\]",
+        ),
         ([(torch.rand(3, H, W), "cat")], TypeError, "must be an integer class index"),
         ([(torch.rand(3, H, W), 2.7)], TypeError, "never rounded or truncated"),
         ([(torch.rand(3, H, W), True)], TypeError, "got the bool"),
