@@ -426,6 +426,14 @@ class _WithTrusted(ConcatDataset):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self.__dict__["datasets"][0], name)
 
+    def __repr__(self) -> str:
+        purified, trusted = self.datasets[0], self.datasets[1]
+        times = len(self.datasets) - 1
+        return (
+            f"{purified!r}\n+ trusted: {type(trusted.dataset).__name__} ({len(trusted)} items, not purified, "
+            f"{times} time{'s' if times > 1 else ''} an epoch)"
+        )
+
 
 def _class_numbers(dataset: Any) -> dict[str, int]:
     """A dataset's class names and their labels (torchvision's ``class_to_idx``, else its ``classes`` in order),

@@ -207,6 +207,9 @@ def test_trusted_images_skip_the_purification_and_get_the_same_per_epoch_path(tm
     five = ds.with_trusted(trusted, repeat=5)
     assert len(five) == 10 + 30 and five[10 + 6 * 4 + 1][1] == trusted.labels[1] + 10
     assert five.classes == ["a", "b", "c"] and five.cache_path == ds.cache_path  # as the purified dataset's
+    assert repr(five).startswith(repr(ds)) and repr(five).endswith(
+        "+ trusted: ToyDataset (6 items, not purified, 5 times an epoch)"
+    )
     plain = build(squeeze, tmp_path).with_trusted(trusted)  # no lambdas: picklable, for DataLoader workers
     assert pickle.loads(pickle.dumps(plain))[-1][1] == trusted.labels[-1]
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
