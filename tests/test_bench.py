@@ -229,6 +229,26 @@ def test_load_bench_data_is_the_balanced_subset_and_the_test_split_without_the_e
     assert len(everything.labels) == 36 and len(everything.test_labels) == 12 and everything.excluded_test_images == 0
 
 
+def test_an_output_dir_the_bench_did_not_write_is_refused(toy_cifar, tmp_path):
+    # The bench writes results.json, table.md and chart.png into output_dir: a user's folder holding files of
+    # those names would lose them. A folder without the bench's bench_config.json is refused, untouched.
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "table.md").write_text("my table\n")
+    config = BenchConfig(data=str(toy_cifar), poisons=("urp",), defenses=("none",), output_dir=str(mine))
+    for train in (True, False):
+        with pytest.raises(FileExistsError, match="holds files the bench did not write"):
+            run_bench(config, train=train)
+    assert (mine / "table.md").read_text() == "my table\n" and sorted(p.name for p in mine.iterdir()) == ["table.md"]
+    with pytest.raises(ValueError, match="is a file; pass a folder"):
+        run_bench(dataclasses.replace(config, output_dir=str(mine / "table.md")), train=False)
+    # an empty folder, and a folder an earlier run wrote, are the bench's to write
+    (tmp_path / "empty").mkdir()
+    run_bench(dataclasses.replace(config, output_dir=str(tmp_path / "empty")), train=False)
+    run_bench(dataclasses.replace(config, output_dir=str(tmp_path / "empty")), train=False)
+    assert (tmp_path / "empty" / "table.md").is_file()
+
+
 def test_runner_end_to_end_and_resume(toy_cifar, tiny_folder, tmp_path, monkeypatch):
     config = BenchConfig(
         data=str(toy_cifar),

@@ -450,6 +450,7 @@ def run_bench(config: BenchConfig, *, train: bool = True) -> dict[str, Any]:
     """
     if train and torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={config.device!r}, but torch sees no CUDA device here; use --device cpu.")
+    _check_output_dir(Path(config.output_dir).expanduser())
     run = _Run(config)
     run.out.mkdir(parents=True, exist_ok=True)
     results = _publish(run, config, merge=train)
@@ -460,6 +461,18 @@ def run_bench(config: BenchConfig, *, train: bool = True) -> dict[str, Any]:
                 if (poison, defense) not in done and run.run_cell(poison, defense) is not None:
                     results = _publish(run, config, merge=True)  # after every new cell, so a long run shows progress
     return results
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse, before any work, a folder the bench did not write: its outputs would replace the files there."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {str(out)!r} is a file; pass a folder (a new one, or an earlier run's).")
+    if out.is_dir() and any(out.iterdir()) and not (out / "bench_config.json").is_file():
+        raise FileExistsError(
+            f"output_dir {str(out)!r} holds files the bench did not write (it has no bench_config.json); the bench "
+            "writes results.json, table.md, chart.png and cells/ there and would replace files of those names. "
+            "Pick a new folder, or an earlier bench run's."
+        )
 
 
 def _columns(config: BenchConfig) -> list[str]:
