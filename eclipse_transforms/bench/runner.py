@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["BenchConfig", "TIERS", "run_bench"]
 
 CLEAN = "clean"
+#: The table's layout, written first into every output folder: the mark that the bench wrote the folder.
+BENCH_CONFIG = "bench_config.json"
 
 
 @dataclass(frozen=True)
@@ -467,9 +469,9 @@ def _check_output_dir(out: Path) -> None:
     """Refuse, before any work, a folder the bench did not write: its outputs would replace the files there."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {str(out)!r} is a file; pass a folder (a new one, or an earlier run's).")
-    if out.is_dir() and any(out.iterdir()) and not (out / "bench_config.json").is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / BENCH_CONFIG).is_file():
         raise FileExistsError(
-            f"output_dir {str(out)!r} holds files the bench did not write (it has no bench_config.json); the bench "
+            f"output_dir {str(out)!r} holds files the bench did not write (it has no {BENCH_CONFIG}); the bench "
             "writes results.json, table.md, chart.png and cells/ there and would replace files of those names. "
             "Pick a new folder, or an earlier bench run's."
         )
@@ -482,7 +484,7 @@ def _columns(config: BenchConfig) -> list[str]:
 def _layout(config: BenchConfig, out: Path) -> BenchConfig:
     """``config`` with the poisons, defenses and clean column of the folder's earlier runs of the same tier first."""
     try:
-        earlier = BenchConfig.from_dict(json.loads((out / "bench_config.json").read_text()))
+        earlier = BenchConfig.from_dict(json.loads((out / BENCH_CONFIG).read_text()))
     except (OSError, ValueError, TypeError):  # no earlier run, or one this version cannot read: this run alone
         return config
     if earlier.tier != config.tier:
@@ -500,7 +502,7 @@ def _publish(run: _Run, config: BenchConfig, *, merge: bool) -> dict[str, Any]:
     layout = _layout(config, run.out) if merge else config
     # the table's settings; not ``progress``, a run-time option that would flip the files with --no-progress
     settings = {k: v for k, v in layout.to_dict().items() if k != "progress"}
-    atomic_write_json(run.out / "bench_config.json", settings)
+    atomic_write_json(run.out / BENCH_CONFIG, settings)
     results: dict[str, Any] = {
         "config": settings,
         "tier": {"name": layout.tier, "about": TIERS[layout.tier].about},

@@ -25,7 +25,7 @@ from .._data import load_image_set, load_indices
 from .._dist import ranks as distributed_ranks
 from .._images import derive_seed, keeps_global_rng
 from .._machine import hardware_name
-from .._outputs import check_output_location
+from .._outputs import check_output_location, is_owned
 from ..denoiser import Denoiser, check_device
 from .card import write_model_card
 from .config import TrainConfig
@@ -198,7 +198,7 @@ def train(
                 f"output_dir {str(root)!r} exists; pass overwrite=True (--overwrite) to replace it or resume=True "
                 "(--resume) to continue its training."
             )
-        if not (root / CONFIG_NAME).is_file():
+        if not is_owned(root, CONFIG_NAME):
             raise FileExistsError(
                 f"output_dir {str(root)!r} holds files that training did not write (it has no {CONFIG_NAME}); "
                 "overwrite only replaces an earlier training run's folder. Pick a new output_dir, or empty this "
