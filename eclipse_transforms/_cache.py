@@ -102,6 +102,11 @@ class ShardStore:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"cache manifest {path} is unreadable ({e})") from e
 
+    @staticmethod
+    def made_with(saved: Any, meta: dict[str, Any]) -> bool:
+        """Whether a parsed manifest (:meth:`saved_manifest`) was written for an entry built from ``meta``."""
+        return isinstance(saved, dict) and saved.get("meta") == meta
+
     def _read_manifest(self) -> dict[str, str]:
         """The checksums of the manifest on disk; anything unreadable or built from other settings counts as none
         (its shards are rebuilt), never as an error that would stop every later open."""
@@ -113,7 +118,7 @@ class ShardStore:
             return {}
         if saved is None:
             return {}
-        if not isinstance(saved, dict) or saved.get("meta") != self.meta:
+        if not self.made_with(saved, self.meta):
             logger.warning("cache manifest %s does not match these settings; rebuilding", path)
             return {}
         shards = saved.get("shards")

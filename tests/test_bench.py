@@ -688,13 +688,18 @@ def test_runner_keeps_a_poison_variant_apart_from_its_default(toy_cifar, tmp_pat
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| defense | URP | URP[epsilon=16/255] | mean |" in table and "| iss-gray |" in table
     assert json.loads((tmp_path / "out" / "bench_config.json").read_text())["poisons"] == merged["columns"]
-    # --report-only tabulates exactly what it is given.
+    # --report-only tabulates exactly what it is given; without a cache_dir of its own it records the one the
+    # cells were run with, not None (which would say "the default cache").
     assert run_bench(one, train=False)["columns"] == ["urp"]
+    assert json.loads((tmp_path / "out" / "bench_config.json").read_text())["cache_dir"] == config.cache_dir
+    report = run_bench(dataclasses.replace(one, cache_dir=None), train=False)
+    assert report["config"]["cache_dir"] == config.cache_dir is not None
     # Another tier's layout, or a bench_config.json this version cannot read, is not merged.
     other = BenchConfig.from_dict({**config.to_dict(), "tier": "standard", "poisons": ["urp"], "defenses": ["none"]})
-    assert runner._layout(other, tmp_path / "out") == other
+    assert runner._layout(other, runner._earlier(tmp_path / "out")) == other
     (tmp_path / "out" / "bench_config.json").write_text('{"poisons": ["no-such-poison"]}')
-    assert runner._layout(one, tmp_path / "out") == one
+    assert runner._earlier(tmp_path / "out") is None
+    assert runner._layout(one, runner._earlier(tmp_path / "out")) == one
     run = runner._Run(config)
     clean = run.images.float()
     for spec, budget in (("urp", 8), ("urp[epsilon=16/255]", 16)):

@@ -404,7 +404,7 @@ def _set_aside_other_shards(folder: Path, meta: dict[str, Any]) -> None:
         saved = ShardStore.saved_manifest(folder)
     except ValueError:
         saved = {}
-    if saved is None or (isinstance(saved, dict) and saved.get("meta") == meta):
+    if saved is None or ShardStore.made_with(saved, meta):
         return
     kept = _rename_aside(folder, f"{folder.name}.other-settings", "")
     logger.warning("crafted shards in %s were made with other settings; moved to %s, crafting anew", folder, kept)

@@ -481,13 +481,17 @@ def _columns(config: BenchConfig) -> list[str]:
     return ([CLEAN] if config.clean else []) + list(config.poisons)
 
 
-def _layout(config: BenchConfig, out: Path) -> BenchConfig:
-    """``config`` with the poisons, defenses and clean column of the folder's earlier runs of the same tier first."""
+def _earlier(out: Path) -> BenchConfig | None:
+    """The settings of the folder's earlier runs; ``None`` if there are none, or none this version can read."""
     try:
-        earlier = BenchConfig.from_dict(json.loads((out / BENCH_CONFIG).read_text()))
-    except (OSError, ValueError, TypeError):  # no earlier run, or one this version cannot read: this run alone
-        return config
-    if earlier.tier != config.tier:
+        return BenchConfig.from_dict(json.loads((out / BENCH_CONFIG).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _layout(config: BenchConfig, earlier: BenchConfig | None) -> BenchConfig:
+    """``config`` with the poisons, defenses and clean column of the folder's earlier runs of the same tier first."""
+    if earlier is None or earlier.tier != config.tier:
         return config
     return dataclasses.replace(
         config,
@@ -499,7 +503,15 @@ def _layout(config: BenchConfig, out: Path) -> BenchConfig:
 
 def _publish(run: _Run, config: BenchConfig, *, merge: bool) -> dict[str, Any]:
     """Tabulate the finished cells of the folder's layout and write bench_config.json and the outputs."""
-    layout = _layout(config, run.out) if merge else config
+    earlier = _earlier(run.out)
+    if merge:
+        layout = _layout(config, earlier)
+    elif config.cache_dir is None and earlier is not None:
+        # a report trains nothing and reads no cache: the cells came from the earlier runs, whose cache is the one
+        # to record (not None, which would say "the default cache")
+        layout = dataclasses.replace(config, cache_dir=earlier.cache_dir)
+    else:
+        layout = config
     # the table's settings; not ``progress``, a run-time option that would flip the files with --no-progress
     settings = {k: v for k, v in layout.to_dict().items() if k != "progress"}
     atomic_write_json(run.out / BENCH_CONFIG, settings)
