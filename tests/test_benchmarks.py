@@ -104,3 +104,33 @@ def test_frontier_marks_the_rows_no_other_row_beats(tmp_path, capsys):
     frontier.main(["--tier", "standard", "--results", str(tmp_path)])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()}
     assert rows["iss-jpeg"][-1] == "no |"  # now eclipse is ahead on all three
+
+
+def test_refit_head_reads_the_heads_input_and_fits_a_planted_class_signal():
+    sys.path.insert(0, str(PACK.parent))
+    try:
+        import refit_head
+    finally:
+        sys.path.remove(str(PACK.parent))
+    from eclipse_transforms.bench.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("compact", (8, 8, 16), 3).eval()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    f = refit_head.features(model, images)
+    with torch.no_grad():  # the features are what the last linear layer (and the scale after it) turns into logits
+        logits = model(images.float().div(255).contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(model[-1](model[-2](f)), logits)
+    # a head fitted on features where one coordinate carries the class: it learns it, and the picked L2 is the grid's
+    y = torch.arange(60) % 3
+    feats = torch.randn(60, 5)
+    feats[:, 2] += 8 * y
+    l2, scores = refit_head.pick_l2(feats, feats + 0.01 * torch.randn(60, 5), y)
+    assert l2 in refit_head.L2_GRID and set(scores) == set(refit_head.L2_GRID) and max(scores.values()) > 0.9
+    held = torch.randn(30, 5)
+    held[:, 2] += 8 * (torch.arange(30) % 3)
+    head = refit_head.fit_head(feats, y, l2)
+    assert (head(held).argmax(1) == torch.arange(30) % 3).float().mean() > 0.9
+    assert (
+        refit_head.fit_head(torch.randn(60, 5), y, l2)(held).argmax(1) == torch.arange(30) % 3
+    ).float().mean() < 0.7
