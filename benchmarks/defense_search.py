@@ -592,6 +592,11 @@ candidate("border-despeckle-jpeg-at2-first8")(
 candidate("border-despeckle-jpeg-clean400x10")(
     with_trusted("border-despeckle-jpeg", "border-despeckle-jpeg-clean400x10", 400, 10)
 )
+# half the quick tier's 400 at twice the weight: the other half is kept out of training for a refit of the last layer
+# (benchmarks/refit_head.py --held-out)
+candidate("border-despeckle-jpeg-clean200x10")(
+    with_trusted("border-despeckle-jpeg", "border-despeckle-jpeg-clean200x10", 200, 10)
+)
 for _base in ("none", "iss-jpeg"):  # is it the clean images alone? does any defense gain as much from them?
     candidate(f"{_base}-clean400")(with_trusted(_base, f"{_base}-clean400", 400))
 

@@ -15,7 +15,10 @@ clean set (400 on the quick tier, 2,000 on the standard one). The head is a mult
 standardised penultimate features of each image and its mirror image, its L2 weight picked by 5-fold
 cross-validation on the trusted images alone; test accuracy averages the logits of each test image and its mirror,
 as the bench does. If the defense trains on the same trusted images, the refit sees images the features were fitted
-to (the cross-validation is then no guide). One JSON line per poisoned set, all of them in ``--output``. One seed.
+to (the cross-validation is then no guide); ``--held-out`` draws them from the rest of the clean set instead, e.g.
+``--defense border-despeckle-jpeg-clean200x10 --trusted 200 --held-out``: 400 trusted images in all, half trained
+on, half kept for the refit. The search's candidates (``benchmarks/defense_search.py``) are defenses here too. One
+JSON line per poisoned set, all of them in ``--output``. One seed.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ import json
 import sys
 from collections.abc import Callable
 
+import defense_search  # noqa: F401  (registers the search's candidates as defenses; this folder is on sys.path)
+import numpy as np
 import torch
 import torch.nn.functional as nnf
 
 from eclipse_transforms.bench import TIERS
+from eclipse_transforms.bench.analysis import disjoint_subset
 from eclipse_transforms.bench.classifier import evaluate, fit_classifier
 from eclipse_transforms.bench.defenses import get_defense
 from eclipse_transforms.bench.runner import BenchConfig, _Run, balanced_subset
@@ -89,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tier", default="quick", choices=sorted(TIERS))
     parser.add_argument("--defense", default="border-despeckle-jpeg", help="a bench defense (default: the squeeze)")
     parser.add_argument("--trusted", type=int, default=None, help="trusted images (default: 400 quick, else 2,000)")
+    parser.add_argument(
+        "--held-out", action="store_true", help="refit on trusted images the defense does not train on"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the tier's epochs (a smoke test)")
     parser.add_argument("--output", required=True, help="JSON file for the results")
     parser.add_argument("--seed", type=int, default=0)
@@ -108,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     if defense.adversarial_epsilon or defense.worst_of > 1:
         parser.error(f"--defense {args.defense!r} changes the training loop (PGD or worst-of-k); not supported here.")
     clean, clean_labels = run.clean_set
-    pick = balanced_subset(clean_labels, args.trusted or (400 if args.tier == "quick" else 2000), args.seed)
+    size = args.trusted or (400 if args.tier == "quick" else 2000)
+    if args.held_out:  # none of the images the defense trains on (the bench's pick, runner._with_clean_images)
+        trained_on = balanced_subset(clean_labels, defense.clean_images, args.seed) if defense.clean_images else []
+        pick = disjoint_subset(clean_labels, np.asarray(trained_on), size, args.seed)
+    else:
+        pick = balanced_subset(clean_labels, size, args.seed)
     trusted, trusted_labels = clean[pick], clean_labels[pick]
     for poison in args.poisons:
         if poison != "clean" and not run.poisoned_path(poison).is_file():
@@ -150,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "l2": l2,
             "cv": scores,
             "trusted_images": len(trusted_labels),
+            "held_out": args.held_out,
             "original_head_on_trusted": round(evaluate(model, trusted, trusted_labels, tta=True), 4),
             "train_accuracy": stats["train_accuracy"],
         }
