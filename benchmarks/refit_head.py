@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         progress=False,
     )
+    if config.recipe().model != "compact":
+        parser.error(
+            f"the {args.tier} tier trains {config.recipe().model!r}; this script reads the compact CNN's head only."
+        )
     run = _Run(config)
     defense = get_defense(args.defense, run.context)
     if defense.adversarial_epsilon or defense.worst_of > 1:
