@@ -4,11 +4,11 @@ A poison's shortcut lives in what the network's features pick up and in how the 
 images carry no shortcut, so a linear head fitted on their features alone can only weigh what also tells their
 classes apart (last-layer retraining, as in Kirichenko et al. 2023, "Last Layer Re-Training is Sufficient for
 Robustness to Spurious Correlations"). This script trains one bench cell's classifier (a bench defense on a poisoned
-set already in the bench's cache; it never crafts), records the test accuracy after every epoch (is there an early
-epoch worth stopping at?) and then refits the head:
+set from the bench's cache, given by its file, or on clean data), records the test accuracy after every epoch (is
+there an early epoch worth stopping at?) and then refits the head:
 
-    python benchmarks/refit_head.py --data ../shared/data/cifar10/cifar10.npz --cache-dir .devdata/bench-cache \\
-        --tier quick --defense border-despeckle-jpeg --output refit.json "adp[dtype=bfloat16]" clean
+    python benchmarks/refit_head.py --data ../shared/data/cifar10/cifar10.npz --tier quick \\
+        --defense border-despeckle-jpeg --output refit.json adp=<cache>/poisoned/adp-<key>.safetensors clean
 
 The trusted images are the ones the bench's ``-clean<n>`` rows train on: a class-balanced ``n`` of the defender's
 clean set (400 on the quick tier, 2,000 on the standard one). The head is a multinomial logistic regression on the
@@ -24,11 +24,11 @@ JSON line per poisoned set, all of them in ``--output``. One seed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
 
-import defense_search  # noqa: F401  (registers the search's candidates as defenses; this folder is on sys.path)
 import numpy as np
 import torch
 import torch.nn.functional as nnf
@@ -36,8 +36,9 @@ import torch.nn.functional as nnf
 from eclipse_transforms.bench import TIERS
 from eclipse_transforms.bench.analysis import disjoint_subset
 from eclipse_transforms.bench.classifier import evaluate, fit_classifier
-from eclipse_transforms.bench.defenses import get_defense
-from eclipse_transforms.bench.runner import BenchConfig, _Run, balanced_subset
+from eclipse_transforms.bench.defenses import DefenseContext, get_defense
+from eclipse_transforms.bench.runner import balanced_subset, load_bench_data
+from eclipse_transforms.denoiser import bundled_weights_path
 
 L2_GRID = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0)
 
@@ -89,9 +90,10 @@ def pick_l2(f: torch.Tensor, f_flip: torch.Tensor, y: torch.Tensor) -> tuple[flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("poisons", nargs="+", help="poisoned sets already in the cache (bench specs), or 'clean'")
+    parser.add_argument(
+        "poisoned", nargs="+", help="bench-cached poisoned sets of the tier (path or label=path), or 'clean'"
+    )
     parser.add_argument("--data", required=True, help="CIFAR-10 .npz or torchvision root, as for the bench")
-    parser.add_argument("--cache-dir", required=True, help="the bench's cache, holding the poisoned sets")
     parser.add_argument("--tier", default="quick", choices=sorted(TIERS))
     parser.add_argument("--defense", default="border-despeckle-jpeg", help="a bench defense (default: the squeeze)")
     parser.add_argument("--trusted", type=int, default=None, help="trusted images (default: 400 quick, else 2,000)")
@@ -102,53 +104,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="JSON file for the results")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    config = BenchConfig(
-        data=args.data,
-        tier=args.tier,
-        cache_dir=args.cache_dir,
-        poisons=tuple(p for p in args.poisons if p != "clean"),
-        defenses=(args.defense,),
-        epochs=args.epochs,
-        seed=args.seed,
-        progress=False,
-    )
-    if config.recipe().model != "compact":
-        parser.error(
-            f"the {args.tier} tier trains {config.recipe().model!r}; this script reads the compact CNN's head only."
-        )
-    run = _Run(config)
-    defense = get_defense(args.defense, run.context)
+    import defense_search  # noqa: F401  (registers the search's candidates as defenses; beside this script)
+    from poison_residue import load_poisoned
+
+    tier = TIERS[args.tier]
+    recipe = tier.recipe if args.epochs is None else dataclasses.replace(tier.recipe, epochs=args.epochs)
+    if recipe.model != "compact":
+        parser.error(f"the {args.tier} tier trains {recipe.model!r}; this script reads the compact CNN's head only.")
+    defense = get_defense(args.defense, DefenseContext(seed=args.seed, progress=False))
     if defense.adversarial_epsilon or defense.worst_of > 1:
         parser.error(f"--defense {args.defense!r} changes the training loop (PGD or worst-of-k); not supported here.")
-    clean, clean_labels = run.clean_set
+    sets, _ = load_poisoned([p for p in args.poisoned if p != "clean"])  # the files, before any training
+    sparse = bundled_weights_path().parent / "cifar10_sparse_indices.json"  # the bench's defender's clean set
+    data = load_bench_data(args.data, tier.subset, args.seed, exclude_test=sparse)
+    for label, images in sets.items():
+        if images.shape != data.images.shape:
+            parser.error(
+                f"{label}: {tuple(images.shape)} images, the {args.tier} tier's are {tuple(data.images.shape)}."
+            )
+    if "clean" in args.poisoned:
+        sets["clean"] = data.images
+    clean, clean_labels = data.excluded_images, data.excluded_labels
     size = args.trusted or (400 if args.tier == "quick" else 2000)
-    if args.held_out:  # none of the images the defense trains on (the bench's pick, runner._with_clean_images)
-        trained_on = balanced_subset(clean_labels, defense.clean_images, args.seed) if defense.clean_images else []
-        pick = disjoint_subset(clean_labels, np.asarray(trained_on), size, args.seed)
+    trained_on = balanced_subset(clean_labels, defense.clean_images, args.seed) if defense.clean_images else None
+    if args.held_out:  # none of the images the defense trains on
+        pick = disjoint_subset(clean_labels, np.asarray([] if trained_on is None else trained_on), size, args.seed)
     else:
         pick = balanced_subset(clean_labels, size, args.seed)
     trusted, trusted_labels = clean[pick], clean_labels[pick]
-    for poison in args.poisons:
-        if poison != "clean" and not run.poisoned_path(poison).is_file():
-            parser.error(f"{poison!r} is not in {args.cache_dir}; craft it with the bench first (this never crafts).")
     results = {}
-    for poison in args.poisons:
-        images = run.poisoned(poison)[0]
+    for label, images in sets.items():
         if defense.prepare is not None:
-            images = defense.prepare(images, run.labels)
-        labels = run.labels
-        if defense.clean_images:
-            images, labels = run._with_clean_images(images, defense.clean_images, defense.clean_repeat)
+            images = defense.prepare(images, data.labels)
+        labels = data.labels
+        if trained_on is not None:  # as the bench does: the trusted images appended, clean_repeat times each
+            extra = trained_on.repeat(defense.clean_repeat)
+            images, labels = torch.cat([images, clean[extra]]), torch.cat([labels, clean_labels[extra]])
         curve: list[float] = []
 
         def on_epoch(epoch: int, model: torch.nn.Module, curve: list[float] = curve) -> None:
-            curve.append(round(evaluate(model, run.test_images, run.test_labels, tta=True), 4))
+            curve.append(round(evaluate(model, data.test_images, data.test_labels, tta=True), 4))
             model.train()
 
         model, stats = fit_classifier(
             images,
             labels,
-            run.recipe,
+            recipe,
             num_classes=10,
             epoch_transform=defense.epoch_transform,
             seed=args.seed,
@@ -158,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         f, f_flip = features(model, trusted), features(model, trusted, flip=True)
         l2, scores = pick_l2(f, f_flip, trusted_labels)
         head = fit_head(torch.cat([f, f_flip]), torch.cat([trusted_labels, trusted_labels]), l2)
-        logits = head(features(model, run.test_images)) + head(features(model, run.test_images, flip=True))
-        results[poison] = {
+        logits = head(features(model, data.test_images)) + head(features(model, data.test_images, flip=True))
+        results[label] = {
             "defense": args.defense,
             "tier": args.tier,
             "curve": curve,
             "final": curve[-1],
-            "refitted_head": round((logits.argmax(1) == run.test_labels).float().mean().item(), 4),
+            "refitted_head": round((logits.argmax(1) == data.test_labels).float().mean().item(), 4),
             "l2": l2,
             "cv": scores,
             "trusted_images": len(trusted_labels),
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             "original_head_on_trusted": round(evaluate(model, trusted, trusted_labels, tta=True), 4),
             "train_accuracy": stats["train_accuracy"],
         }
-        print(json.dumps({poison: results[poison]}), flush=True)
+        print(json.dumps({label: results[label]}), flush=True)
         with open(args.output, "w") as fh:
             json.dump(results, fh, indent=1)
     return 0
