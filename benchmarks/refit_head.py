@@ -37,7 +37,7 @@ from eclipse_transforms.bench import TIERS
 from eclipse_transforms.bench.analysis import disjoint_subset
 from eclipse_transforms.bench.classifier import evaluate, fit_classifier
 from eclipse_transforms.bench.defenses import DefenseContext, get_defense
-from eclipse_transforms.bench.runner import balanced_subset, load_bench_data
+from eclipse_transforms.bench.runner import append_clean_images, balanced_subset, load_bench_data
 from eclipse_transforms.denoiser import bundled_weights_path
 
 L2_GRID = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0)
@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         if defense.prepare is not None:
             images = defense.prepare(images, data.labels)
         labels = data.labels
-        if trained_on is not None:  # as the bench does: the trusted images appended, clean_repeat times each
-            extra = trained_on.repeat(defense.clean_repeat)
-            images, labels = torch.cat([images, clean[extra]]), torch.cat([labels, clean_labels[extra]])
+        if defense.clean_images:  # as the bench does: the trusted images appended, clean_repeat times each
+            images, labels = append_clean_images(
+                images, labels, clean, clean_labels, defense.clean_images, args.seed, defense.clean_repeat
+            )
         curve: list[float] = []
 
         def on_epoch(epoch: int, model: torch.nn.Module, curve: list[float] = curve) -> None:

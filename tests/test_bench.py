@@ -498,10 +498,15 @@ def test_runner_adds_the_defenders_clean_images_as_they_are(toy_cifar, tmp_path,
     assert len(seen["test_labels"]) == 4 and cell["train_images"] == len(train) + 6 == 42
     with pytest.raises(ValueError, match="asks for 9 images of the defender's clean set.*excludes 8"):
         run._with_clean_images(train, 9)
-    with pytest.raises(ValueError, match="clean_repeat must be >= 1"):
+    with pytest.raises(ValueError, match="repeat must be >= 1"):
         run._with_clean_images(train, 6, 0)
     doubled, doubled_labels = run._with_clean_images(train, 6, 2)
     assert torch.equal(doubled[-12:], torch.cat([held[pick], held[pick]])) and len(doubled_labels) == 36 + 12
+    # the public form scripts use (benchmarks/refit_head.py) is the same rule
+    appended = runner.append_clean_images(train, torch.from_numpy(z["y_train"]), held, held_labels, 6, 0, 2)
+    assert torch.equal(appended[0], doubled) and torch.equal(appended[1], doubled_labels)
+    with pytest.raises(ValueError, match="n=9 clean images asked for; clean has 8"):
+        runner.append_clean_images(train, torch.from_numpy(z["y_train"]), held, held_labels, 9, 0)
 
 
 def test_border_despeckle_jpeg_defense_is_the_library_transforms():

@@ -191,6 +191,28 @@ def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.
     return torch.from_numpy(np.sort(np.concatenate(picked)))
 
 
+def append_clean_images(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    clean: torch.Tensor,
+    clean_labels: torch.Tensor,
+    n: int,
+    seed: int,
+    repeat: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images`` and ``labels`` with ``n`` class-balanced images of ``clean`` (:func:`balanced_subset` with ``seed``)
+    appended as they are, ``repeat`` times each: what a bench defense's ``clean_images`` and ``clean_repeat`` train on.
+    """
+    if n > len(clean_labels):
+        raise ValueError(f"n={n} clean images asked for; clean has {len(clean_labels)}.")
+    if repeat < 1:
+        raise ValueError(
+            f"repeat must be >= 1 (the defense's clean_repeat: copies of each image per epoch); got {repeat}."
+        )
+    pick = balanced_subset(clean_labels, n, seed).repeat(repeat)
+    return torch.cat([images, clean[pick]]), torch.cat([labels, clean_labels[pick]])
+
+
 @dataclass(frozen=True)
 class BenchData:
     """What a bench run trains and tests on: uint8 images ``(N, 3, H, W)`` and int64 labels."""
@@ -341,8 +363,8 @@ class _Run:
         logger.warning("kept the result run with other settings as %s", aside)
 
     def _with_clean_images(self, images: torch.Tensor, n: int, repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images`` (the training set after the defense's one-time stages) with ``n`` class-balanced images of the
-        defender's clean set appended as they are (``repeat`` times each), and the labels to go with them."""
+        """``images`` (the training set after the defense's one-time stages) with ``n`` images of the defender's
+        clean set appended (:func:`append_clean_images`), and the labels to go with them."""
         clean, clean_labels = self.clean_set
         if clean is None or n > len(clean_labels):
             have = 0 if clean is None else len(clean_labels)
@@ -350,10 +372,7 @@ class _Run:
                 f"the defense asks for {n} images of the defender's clean set (the test images the bench excludes, "
                 f"the denoiser's sparse set); this run excludes {have}: pass exclude_test or use the bundled weights."
             )
-        if repeat < 1:
-            raise ValueError(f"the defense's clean_repeat must be >= 1; got {repeat}.")
-        pick = balanced_subset(clean_labels, n, self.config.seed).repeat(repeat)
-        return torch.cat([images, clean[pick]]), torch.cat([self.labels, clean_labels[pick]])
+        return append_clean_images(images, self.labels, clean, clean_labels, n, self.config.seed, repeat)
 
     def run_cell(self, poison: str, defense_name: str, train: bool = True) -> dict[str, Any] | None:
         """The cell's result: from ``cells/`` if it was run with these settings, else trained now (or None)."""
