@@ -25,6 +25,10 @@ CONFIG_FILES = ("model_index.json", "unet/config.json", "config.json")
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.md", "unet/*.bin", "*.bin"]
 
 
+def _as_path(cache_dir: str | os.PathLike | None) -> Path | None:
+    return None if cache_dir is None else Path(cache_dir)
+
+
 def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> Path | None:
     """The cached snapshot folder of ``repo_id`` at ``revision``, found file by file without the Hub.
 
@@ -32,7 +36,7 @@ def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | os.Pat
     because they list the repository's tree first; the files are in the cache all the same.
     """
     for filename in CONFIG_FILES:
-        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=_as_path(cache_dir), revision=revision)
         if isinstance(found, str):
             return Path(found).parents[filename.count("/")]
     return None
@@ -63,7 +67,9 @@ def resolve_pretrained(
     # A typo in a local path of the form "runs/ddpm" is read as a Hub id: every message says both.
     local = f"there is no local folder {str(path.resolve())!r}, and "
     try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS))
+        return Path(
+            snapshot_download(name, revision=revision, cache_dir=_as_path(cache_dir), allow_patterns=ALLOW_PATTERNS)
+        )
     except RepositoryNotFoundError as e:
         raise OSError(
             f"pretrained={name!r}: {local}it is not a repository on the Hugging Face Hub (or it is private and you "

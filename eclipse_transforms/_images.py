@@ -7,7 +7,7 @@ import hashlib
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import PIL.Image
@@ -59,6 +59,14 @@ def check_channels(shape: Sequence[int], expected: int, *, name: str = "image") 
         f"{name} must have {expected} channels in dimension -3 (shape (..., C, H, W)), got shape "
         f"{tuple(shape)}. {fix}".rstrip()
     )
+
+
+@overload
+def check_int(value: Any, name: str, *, minimum: int | None = None, optional: Literal[False] = False) -> int: ...
+
+
+@overload
+def check_int(value: Any, name: str, *, minimum: int | None = None, optional: bool) -> int | None: ...
 
 
 def check_int(value: Any, name: str, *, minimum: int | None = None, optional: bool = False) -> int | None:

@@ -46,10 +46,10 @@ def check_output_location(
             )
     if out.parent == out:
         raise ValueError(f"{name} {str(output)!r} is the filesystem root; write to a new folder or file instead.")
-    for what, path in inputs.items():
-        if path is None:
+    for what, given in inputs.items():
+        if given is None:
             continue
-        src = Path(path).expanduser().resolve()
+        src = Path(given).expanduser().resolve()
         if _encloses(out, src):
             raise ValueError(
                 f"{name} {str(output)!r} is or contains the input {what} ({src}); writing there would destroy "

@@ -6,10 +6,11 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 from torchvision.transforms.v2 import functional as F
 from tqdm.auto import tqdm
 
@@ -139,13 +140,14 @@ def purify_files(
     _check_output(out, src, overwrite)
     if src.is_dir() and find_cifar_root(src) is None:
         # An ImageFolder tree is read one image at a time (by num_workers DataLoader workers), never held whole.
-        data = FolderImages(src)
-        labels = torch.tensor([label for _, label in data.samples], dtype=torch.int64)
-        source_dataset = data
+        folder = FolderImages(src)
+        labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
+        data: FolderImages | ImageSet = folder
+        source_dataset: Dataset = folder
     else:  # an .npz or a CIFAR-10 root: arrays, read at once
-        data = load_image_set(source, split=split)
-        labels = data.labels if data.labels is not None else torch.zeros(len(data.images), dtype=torch.int64)
-        source_dataset = TensorDataset(data.images, labels)
+        arrays = load_image_set(source, split=split)
+        labels = arrays.labels if arrays.labels is not None else torch.zeros(len(arrays.images), dtype=torch.int64)
+        data, source_dataset = arrays, TensorDataset(arrays.images, labels)
     names = None if out.suffix.lower() == ".npz" else _folder_names(data, labels)
     ds = PurifiedDataset(
         source_dataset,
@@ -162,14 +164,15 @@ def purify_files(
     what = f"the output {out} (the purified images are cached: a rerun only writes)"
     if out.suffix.lower() == ".npz":  # one array: the output's size in memory
         images = torch.stack([ds.purified(i) for i in range(len(ds))])
-        arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
+        columns: dict[str, Any] = {"images": images.permute(0, 2, 3, 1).numpy()}
         if isinstance(data, FolderImages) or data.labels is not None:
-            arrays["labels"] = labels.numpy()
+            columns["labels"] = labels.numpy()
         try:
-            atomic_write(out, lambda f: np.savez(f, **arrays))
+            atomic_write(out, lambda f: np.savez(f, **columns))
         except OSError as e:
             raise no_space(e, what) from e
         return out
+    assert names is not None  # a folder output: the .npz one has returned
     _remove_leftovers(out)
     staged = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:

@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["main"]
 
@@ -199,20 +200,21 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type, skip: tuple[str, 
             continue
         flag = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING
+        value: Any = f.default  # the field's default (MISSING where required)
         help_ = f.metadata.get("help", "")
         kind = str(f.type)
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_)
         elif kind.startswith("tuple[int"):
-            default = list(f.default) if f.default else None
+            default = list(value) if value else None
             p.add_argument(flag, type=int, nargs="+", default=default, help=f"{help_} (default: {default})")
         elif kind.startswith("tuple[str"):
-            p.add_argument(flag, default=",".join(f.default), help=f"{help_} (default: {','.join(f.default)})")
+            p.add_argument(flag, default=",".join(value), help=f"{help_} (default: {','.join(value)})")
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-            extra = {"required": True} if required else {"default": f.default}
+            extra = {"required": True} if required else {"default": value}
             shown = required or "default" in help_
-            p.add_argument(flag, type=conv, help=help_ if shown else f"{help_} (default: {f.default})", **extra)
+            p.add_argument(flag, type=conv, help=help_ if shown else f"{help_} (default: {value})", **extra)
 
 
 def _config_from_args(cls: type, args: argparse.Namespace, **extra):

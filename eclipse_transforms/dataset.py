@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
@@ -228,6 +228,7 @@ class PurifiedDataset(Dataset):
             h.update(x.numpy().tobytes())
             if i < _RANDOMNESS_PROBES:
                 probes.append(x)
+        assert shape is not None  # num_items >= 1, checked by __init__
         h.update(labels.numpy().tobytes())
         for i, first in enumerate(probes):
             again = [to_float_batch(_split_item(self.dataset[i], i)[0], name=f"dataset image {i}")[0] for _ in "ab"]
@@ -266,6 +267,7 @@ class PurifiedDataset(Dataset):
         with self._store.lock() if rank == 0 else contextlib.nullcontext():
             missing = [self._store.prepare_build() if rank == 0 else None]
             dist.broadcast_object_list(missing, src=0)
+            assert missing[0] is not None  # rank 0's list, broadcast to every rank
             mine = missing[0][rank::world_size]
             logger.info("rank %d of %d builds shards %s", rank, world_size, mine)
             self._build(mine, show_bar=rank == 0)
@@ -427,7 +429,7 @@ class _WithTrusted(ConcatDataset):
         return getattr(self.__dict__["datasets"][0], name)
 
     def __repr__(self) -> str:
-        purified, trusted = self.datasets[0], self.datasets[1]
+        purified, trusted = self.datasets[0], cast(_Trusted, self.datasets[1])
         times = len(self.datasets) - 1
         return (
             f"{purified!r}\n+ trusted: {type(trusted.dataset).__name__} ({len(trusted)} items, not purified, "

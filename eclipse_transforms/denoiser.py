@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -232,6 +232,14 @@ def _read_eclipse_config(root: Path) -> dict[str, Any]:
     return config
 
 
+@overload
+def check_device(device: str | torch.device) -> torch.device: ...
+
+
+@overload
+def check_device(device: None) -> None: ...
+
+
 def check_device(device: str | torch.device | None) -> torch.device | None:
     """``device`` as a ``torch.device`` that exists on this machine (``None`` stays ``None``), or a ``ValueError``
     that says which devices there are."""
@@ -264,7 +272,7 @@ def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     resolved = DTYPES.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
-    if resolved not in DTYPES.values():
+    if resolved is None or resolved not in DTYPES.values():
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or the torch dtype), got {dtype!r}.")
     return resolved
 

@@ -61,9 +61,10 @@ def check_t_star(t_star: int, denoiser: Denoiser) -> int:
 
 def check_steps(steps: int | None, t_star: int) -> int:
     """``steps=None`` means the paper's sampler: one ancestral step per timestep, ``t_star`` steps."""
-    if steps is None:
+    checked = check_int(steps, "steps", optional=True)
+    if checked is None:
         return t_star
-    steps = check_int(steps, "steps", optional=True)
+    steps = checked
     if not 1 <= steps <= t_star:
         raise ValueError(
             f"steps must be in [1, t_star={t_star}] (None for the paper's {t_star}-step sampler), got {steps}."

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torchvision.transforms import v2
@@ -32,14 +33,17 @@ RECIPES = ("squeeze", "eclipse")
 DEFAULT_RECIPE = "squeeze"
 
 
-class _RecipeDefault:
-    """The default of a setting that the recipe decides (a sentinel, so that a value the user passed is known)."""
+class _RecipeDefault(enum.Enum):
+    """The default of a setting that the recipe decides (a sentinel, so that a value the user passed is known; an
+    enum member, so that type checkers narrow ``x is _RECIPE``)."""
+
+    RECIPE = "recipe"
 
     def __repr__(self) -> str:
         return "<recipe's>"
 
 
-_RECIPE = _RecipeDefault()
+_RECIPE: Final = _RecipeDefault.RECIPE
 
 
 def recipe_settings(recipe: str) -> dict[str, Any]:
@@ -140,10 +144,10 @@ class EclipsePurify(DiffusionTransform):
                 "steps": steps is not _RECIPE,  # steps=None is a setting too: the paper's sampler
                 "revision": revision is not None,
             }
-            given = [name for name, passed in given.items() if passed]
-            if given:
+            named = [name for name, passed in given.items() if passed]
+            if named:
                 raise ValueError(
-                    f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the diffusion, which recipe={recipe!r} "
+                    f"{', '.join(named)} set{'s' if len(named) == 1 else ''} the diffusion, which recipe={recipe!r} "
                     "does not run; pass recipe='eclipse' for ECLIPSE's diffusion (or diffusion=True to run it "
                     "after the squeeze)."
                 )

@@ -224,6 +224,10 @@ def test_load_bench_data_is_the_balanced_subset_and_the_test_split_without_the_e
     assert torch.equal(data.test_images, torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2)[keep])
     # the excluded images themselves: the defender's own clean set
     assert torch.equal(data.excluded_images, torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2)[[0, 5, 11]])
+    unlabelled = tmp_path / "images.npz"
+    np.savez(unlabelled, images=z["x_train"])
+    with pytest.raises(ValueError, match="has no labels; the bench trains and tests on a labelled CIFAR-10"):
+        load_bench_data(unlabelled, 12, seed=3)
     assert torch.equal(data.excluded_labels, torch.from_numpy(z["y_test"])[[0, 5, 11]])
     everything = load_bench_data(toy_cifar)
     assert len(everything.labels) == 36 and len(everything.test_labels) == 12 and everything.excluded_test_images == 0
@@ -567,6 +571,8 @@ def test_models_shapes_and_sizes():
     assert resnet(x).shape == (2, 7) and resnet.conv1.stride == (1, 1)
     with pytest.raises(ValueError, match="model must be 'compact' or 'resnet18'"):
         build_model("vit")
+    with pytest.raises(ValueError, match="widths must be three ints"):
+        build_model("compact", (32, 64))
 
 
 @pytest.mark.slow

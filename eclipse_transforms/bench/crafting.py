@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as nnf
@@ -68,6 +68,7 @@ class CraftingConfig:
     """
 
     dtype: str
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # a dataclass's, for type checkers: subclasses are dataclasses
 
     #: Fields that count steps, batches, rounds or images (at least 1), that may be 0 (off), and step sizes, budgets
     #: and rates (above 0), whichever a config has: a 0 or negative count would craft no poison at all, silently.
@@ -208,7 +209,10 @@ def work_root(work_dir: str | os.PathLike | None) -> Path | None:
     return root
 
 
-def freeze(model: torch.nn.Module, frozen: bool = True) -> torch.nn.Module:
+_Module = TypeVar("_Module", bound=torch.nn.Module)
+
+
+def freeze(model: _Module, frozen: bool = True) -> _Module:
     """Stop (or restart) gradients to the parameters: crafting differentiates w.r.t. the input only."""
     for p in model.parameters():
         p.requires_grad_(not frozen)

@@ -122,7 +122,7 @@ def purified(
     )
     # The paper's sampler costs t* network evaluations per image (25x the default): smaller shards keep an
     # interrupted run's loss to minutes on a CPU (a 4,096-image shard would be hours). Other steps keep the default.
-    shards = {"shard_size": 512} if steps is None else {}
+    shards: dict[str, Any] = {"shard_size": 512} if steps is None else {}
     ds = PurifiedDataset(
         TensorDataset(images, labels),
         purify,

@@ -27,7 +27,7 @@ class _Scale(nn.Module):
         return x * self.scale
 
 
-def compact_cnn(widths: tuple[int, int, int] = (32, 64, 128), num_classes: int = 10, stem: int = 24) -> nn.Module:
+def compact_cnn(widths: tuple[int, ...] = (32, 64, 128), num_classes: int = 10, stem: int = 24) -> nn.Module:
     """A compact VGG-style CNN (0.30 M parameters at the default widths) for 32x32 images.
 
     Args:
@@ -35,6 +35,8 @@ def compact_cnn(widths: tuple[int, int, int] = (32, 64, 128), num_classes: int =
         num_classes: outputs of the linear head.
         stem: channels of the 2x2 stem convolution.
     """
+    if len(widths) != 3:
+        raise ValueError(f"widths must be three ints (channels of the three stages), got {widths!r}.")
     w1, w2, w3 = widths
     layers: list[nn.Module] = [nn.Conv2d(3, stem, 2), nn.GELU()]
     for cin, cout in ((stem, w1), (w1, w2), (w2, w3)):

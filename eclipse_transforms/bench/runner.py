@@ -174,7 +174,8 @@ class BenchConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if set(d) - names:
             raise ValueError(f"unknown BenchConfig keys {sorted(set(d) - names)}; known: {sorted(names)}.")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**fields)
 
 
 def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
@@ -223,8 +224,8 @@ class BenchData:
     test_labels: torch.Tensor
     excluded_test_images: int
     # the excluded test images themselves (the denoiser's sparse set: the defender's own clean images), index order
-    excluded_images: torch.Tensor | None = None
-    excluded_labels: torch.Tensor | None = None
+    excluded_images: torch.Tensor
+    excluded_labels: torch.Tensor
 
 
 def load_bench_data(
@@ -240,6 +241,8 @@ def load_bench_data(
     """
     train = load_image_set(data, split="train")
     test = load_image_set(data, split="test")
+    if train.labels is None or test.labels is None:
+        raise ValueError(f"data={str(data)!r} has no labels; the bench trains and tests on a labelled CIFAR-10.")
     idx = balanced_subset(train.labels, subset_size, seed)
     exclude = load_indices(exclude_test) if exclude_test else []
     excluded = np.unique(np.asarray(exclude, dtype=np.int64))
@@ -274,8 +277,9 @@ class _Run:
         self.recipe = config.recipe()
         exclude_file = config.exclude_test
         shown = portable_path(exclude_file) if exclude_file else None
-        if exclude_file is None and config.weights is None and bundled_weights_path() is not None:
-            exclude_file = str(bundled_weights_path().parent / "cifar10_sparse_indices.json")
+        bundled = bundled_weights_path()
+        if exclude_file is None and config.weights is None and bundled is not None:
+            exclude_file = str(bundled.parent / "cifar10_sparse_indices.json")
             shown = "bundled weights/cifar10_sparse_indices.json"  # not this machine's absolute path
         data = load_bench_data(config.data, config.subset_size(), config.seed, exclude_test=exclude_file)
         self.images, self.labels = data.images, data.labels
@@ -366,11 +370,11 @@ class _Run:
         """``images`` (the training set after the defense's one-time stages) with ``n`` images of the defender's
         clean set appended (:func:`append_clean_images`), and the labels to go with them."""
         clean, clean_labels = self.clean_set
-        if clean is None or n > len(clean_labels):
-            have = 0 if clean is None else len(clean_labels)
+        if n > len(clean_labels):
             raise ValueError(
                 f"the defense asks for {n} images of the defender's clean set (the test images the bench excludes, "
-                f"the denoiser's sparse set); this run excludes {have}: pass exclude_test or use the bundled weights."
+                f"the denoiser's sparse set); this run excludes {len(clean_labels)}: pass exclude_test or use the "
+                "bundled weights."
             )
         return append_clean_images(images, self.labels, clean, clean_labels, n, self.config.seed, repeat)
 

@@ -18,6 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as nnf
@@ -80,8 +81,8 @@ def _snapshots(
         flat = load_file(path)
         states: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in flat.items():
-            epoch, name = key.split("/", 1)
-            states.setdefault(int(epoch), {})[name] = value
+            number, name = key.split("/", 1)
+            states.setdefault(int(number), {})[name] = value
     else:
         # While training, each kept snapshot is also written to ``work`` beside the per-epoch checkpoint, so an
         # interrupted run resumes its training and still has the snapshots of the epochs it does not redo.
@@ -170,7 +171,7 @@ def sep(
             adv.requires_grad_(True)
             view = adv.contiguous(memory_format=torch.channels_last)
             with precision(config.dtype, device):
-                loss = sum(nnf.cross_entropy(m(view), target) for m in models) / len(models)
+                loss = cast(torch.Tensor, sum(nnf.cross_entropy(m(view), target) for m in models)) / len(models)
             (grad,) = torch.autograd.grad(loss, adv)
             adv = adv.detach() - config.step_size * grad.sign()
             adv = torch.minimum(torch.maximum(adv, x - config.epsilon), x + config.epsilon).clamp(0, 1)

@@ -151,18 +151,18 @@ def tap(
 
     def attack(x: torch.Tensor, y: torch.Tensor, start: int) -> torch.Tensor:
         target = (y + 1) % k
-        best_d, best_loss = None, None
-        for r in range(config.restarts):
+
+        def restart(r: int) -> tuple[torch.Tensor, torch.Tensor]:
             with precision(config.dtype, device):
-                d, loss = _attack(
-                    model, x, target, config, torch.Generator().manual_seed(derive_seed("tap", seed, start, r))
-                )
-            if best_d is None:
-                best_d, best_loss = d, loss
-            else:
-                better = loss < best_loss
-                best_d = torch.where(better.view(-1, 1, 1, 1), d, best_d)
-                best_loss = torch.minimum(loss, best_loss)
+                g = torch.Generator().manual_seed(derive_seed("tap", seed, start, r))
+                return _attack(model, x, target, config, g)
+
+        best_d, best_loss = restart(0)
+        for r in range(1, config.restarts):
+            d, loss = restart(r)
+            better = loss < best_loss
+            best_d = torch.where(better.view(-1, 1, 1, 1), d, best_d)
+            best_loss = torch.minimum(loss, best_loss)
         return quantize((x + best_d).clamp(0, 1))
 
     report = {"target": "(y + 1) mod K"}

@@ -81,4 +81,5 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown TrainConfig keys {sorted(unknown)}; known: {sorted(names)}.")
-        return cls(**{k: tuple(v) if k == "block_out_channels" else v for k, v in d.items()})
+        fields: dict[str, Any] = {k: tuple(v) if k == "block_out_channels" else v for k, v in d.items()}
+        return cls(**fields)

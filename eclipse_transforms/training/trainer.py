@@ -13,6 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -250,7 +251,7 @@ def train(
 
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warm_up)
     scheduler = build_scheduler(config)
-    state = {"step": 0, "seconds": 0.0, "runs": [], "holdout_loss": None}
+    state: dict[str, Any] = {"step": 0, "seconds": 0.0, "runs": [], "holdout_loss": None}
     if latest is not None:
         net.load_state_dict(load_file(latest / "model.safetensors", device=str(device)))
         ema.load_state_dict(load_file(latest / "ema.safetensors", device=str(device)))
@@ -284,22 +285,25 @@ def train(
         total=config.max_steps, initial=start_step, disable=not (progress and rank == 0), desc="train", unit="step"
     )
     step = start_step
+    losses: list[float] = []  # every step's training loss; a checkpoint logs the mean of the last 200
+    since = run_start  # when the time in state["seconds"] was last added up
 
     def checkpoint() -> None:
+        nonlocal since
         if rank != 0:  # one writer; the ranks hold the same weights
             return
         averager.copy_to(ema.parameters())
         elapsed = time.perf_counter() - run_start
         run_info.update(end_step=step, seconds=round(elapsed, 1))
-        state.update(step=step, seconds=round(state["seconds"] + (time.perf_counter() - checkpoint.t0), 1))
-        checkpoint.t0 = time.perf_counter()
+        state.update(step=step, seconds=round(state["seconds"] + (time.perf_counter() - since), 1))
+        since = time.perf_counter()
         if holdout is not None:
             state["holdout_loss"] = _holdout_loss(ema, scheduler, holdout, config)
             best = state.get("best")
             if best is None or state["holdout_loss"] < best["holdout_loss"]:
                 state["best"] = {"step": step, "holdout_loss": state["holdout_loss"]}
                 export(root, ema, scheduler, config, state, indices)  # early stopping: keep the best EMA
-        recent = checkpoint.losses[-200:]
+        recent = losses[-200:]
         state.setdefault("history", []).append(
             {"step": step, "train_loss": sum(recent) / max(1, len(recent)), "holdout_loss": state["holdout_loss"]}
         )
@@ -307,8 +311,6 @@ def train(
         state["runs"] = [r for r in state["runs"] if r.get("start_step") != start_step] + [dict(run_info)]
         _save_checkpoint(root, step, net, ema, optimizer, state)
 
-    checkpoint.t0 = run_start
-    checkpoint.losses = []
     model.train()
     while step < config.max_steps:
         x, t, noise = batches(step)
@@ -325,7 +327,7 @@ def train(
         averager.step(net.parameters())
         step += 1
         loss_value = loss.item()
-        checkpoint.losses.append(loss_value)
+        losses.append(loss_value)
         bar.update(1)
         rate = (step - start_step) * config.batch_size / (time.perf_counter() - run_start)
         bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}")
