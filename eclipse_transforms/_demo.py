@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+import PIL.Image
 import torch
 import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as F
@@ -64,6 +65,20 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
 
 
+def _check_out(out: str | os.PathLike) -> Path:
+    """``out`` as a path Pillow can write an image to, or an error that says what to pass."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ValueError(f"out={str(out)!r} is a folder; pass a file name in it, e.g. {str(path / 'demo.png')!r}.")
+    kind = PIL.Image.registered_extensions().get(path.suffix.lower())
+    if kind is None or kind not in PIL.Image.SAVE:
+        raise ValueError(
+            f"out={str(out)!r} does not end in an image format Pillow writes ({path.suffix or 'no extension'}); "
+            "name a .png file (or .jpg, .webp, ...)."
+        )
+    return path
+
+
 def run_demo(
     purify: EclipsePurify,
     *,
@@ -79,6 +94,7 @@ def run_demo(
     (its projection on the poison), throughput, and where the grid went.
     """
     num_images = check_int(num_images, "num_images", minimum=1)
+    path = _check_out(out)  # before the purification: a bad name fails at once
     den = purify.denoiser
     size = 32 if den is None or den.unet.config.sample_size is None else int(den.unet.config.sample_size)
     if data is None:
@@ -114,7 +130,6 @@ def run_demo(
         compensated,
     ]
     grid = make_grid(nnf.interpolate(torch.cat(rows), scale_factor=4, mode="nearest"), nrow=len(clean), padding=4)
-    path = Path(out).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     F.to_pil_image(grid).save(path)
 

@@ -353,6 +353,14 @@ def test_user_errors_are_one_line(tiny_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["demo", "--num-images", "0"])
     assert exit_.value.code == 2 and "--num-images: must be a positive int" in capsys.readouterr().err
+    # demo --out: a name Pillow cannot write, or a folder, fails before any work and leaves the file alone
+    notes = tmp_path / "notes.md"
+    notes.write_text("mine")
+    assert main(["--no-progress", "demo", "--out", str(notes)]) == 2
+    assert "does not end in an image format Pillow writes (.md)" in capsys.readouterr().err
+    assert main(["--no-progress", "demo", "--out", str(tmp_path)]) == 2
+    assert "is a folder; pass a file name in it" in capsys.readouterr().err
+    assert notes.read_text() == "mine"
 
 
 def test_train_overwrite_never_deletes_other_files(tmp_path, monkeypatch, capsys):
