@@ -9,6 +9,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import PIL.Image
 import torch
@@ -56,7 +57,7 @@ def _settings(purify: EclipsePurify) -> str:
     )
 
 
-def _stages(prefilter) -> list:
+def _stages(prefilter: Any) -> list[Any]:
     return list(getattr(prefilter, "transforms", [prefilter] if prefilter is not None else []))
 
 

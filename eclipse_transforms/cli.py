@@ -16,7 +16,14 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    from .purify import EclipsePurify
+
+_Config = TypeVar("_Config", bound="DataclassInstance")  # TrainConfig, BenchConfig
 
 __all__ = ["main"]
 
@@ -86,7 +93,7 @@ def _steps(value: str) -> int | None:
         raise SystemExit(f"--steps must be an int or 'paper', got {value!r}.") from None
 
 
-def _make_purify(args: argparse.Namespace):
+def _make_purify(args: argparse.Namespace) -> EclipsePurify:
     """The command's ``EclipsePurify``, without its per-access compensation (the commands write purified images)."""
     from . import EclipsePurify, load_denoiser
 
@@ -217,7 +224,7 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type, skip: tuple[str, 
             p.add_argument(flag, type=conv, help=help_ if shown else f"{help_} (default: {value})", **extra)
 
 
-def _config_from_args(cls: type, args: argparse.Namespace, **extra):
+def _config_from_args(cls: type[_Config], args: argparse.Namespace, **extra: Any) -> _Config:
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names}
     return cls(**values, **extra)

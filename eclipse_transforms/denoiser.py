@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, overload
 
@@ -117,7 +118,7 @@ class Denoiser(nn.Module):
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Denoiser:
         # Moving between devices keeps the weights' values; a dtype change does not, so forget the hash then.
         dtype = self.dtype
         out = super()._apply(fn, recurse)

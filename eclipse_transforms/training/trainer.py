@@ -137,7 +137,14 @@ def _holdout_loss(unet: UNet2DModel, scheduler: DDPMScheduler, images: torch.Ten
     return total / noise.numel()
 
 
-def _save_checkpoint(root: Path, step: int, model, ema, optimizer, state: dict) -> None:  # noqa: ANN001
+def _save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+) -> None:
     """Write ``checkpoints/step-XXXXXXX`` then point ``checkpoints/latest.json`` at it (atomic rename)."""
     ckpt_dir = root / "checkpoints"
     target = ckpt_dir / f"step-{step:07d}"
