@@ -302,18 +302,13 @@ class _Run:
             "exclude_file": shown,
         }
 
-    def poisoned_path(self, poison: str) -> Path:
-        """Where the poisoned training set ``poison`` is cached (the file may not exist yet)."""
-        name, *settings = _poison_key(poison)
-        key = digest(name, self.config.seed, __version__, *settings, self.images, self.labels)
-        return self.cache / "poisoned" / f"{name}-{key}.safetensors"
-
     def poisoned(self, poison: str) -> tuple[torch.Tensor, float, dict[str, Any] | None]:
         """The poisoned training set (cached), the seconds it took now (0 if cached) and the crafting report."""
         if poison == CLEAN:
             return self.images, 0.0, None
-        name = _poison_key(poison)[0]
-        path = self.poisoned_path(poison)
+        name, *settings = _poison_key(poison)
+        key = digest(name, self.config.seed, __version__, *settings, self.images, self.labels)
+        path = self.cache / "poisoned" / f"{name}-{key}.safetensors"
         report_path = path.with_suffix(".work") / "report.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
         if path.is_file():
